@@ -1,0 +1,82 @@
+"""Command line: ``registry-proxy serve`` and ``registry-proxy check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from proxy.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="registry-proxy", description="Caching pull-through proxy for OCI registries"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "run the proxy"),
+        ("check-config", "validate the configuration and print the effective settings"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", metavar="FILE", help="YAML configuration file")
+        cmd.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+        cmd.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
+        cmd.add_argument("--cache-dir", metavar="DIR", help="local cache directory")
+        cmd.add_argument("--redis", metavar="URL", help="Redis URL for the shared cache")
+        cmd.add_argument("--tag-ttl", metavar="DURATION", help="tag TTL for every upstream")
+        cmd.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "listen": args.listen,
+        "upstream": args.upstream,
+        "cache_dir": args.cache_dir,
+        "redis": args.redis,
+        "tag_ttl": args.tag_ttl,
+        "log_level": args.log_level,
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"registry-proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.command == "check-config":
+        print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
+        return 0
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from proxy.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        print=None,
+        access_log_format='%a "%r" %s %b %Tf "%{X-Cache}o"',
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

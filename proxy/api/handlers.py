@@ -1,0 +1,211 @@
+"""HTTP handlers of the pull side of the OCI distribution API.
+
+The only code that touches ``web.Request`` and ``web.Response``. Paths under ``/v2/`` are
+parsed here (repository names contain slashes, so one route takes the whole tail and
+the last ``/manifests/``, ``/blobs/`` or ``/tags/list`` splits it), validated with the
+spec's grammar, routed to an upstream, and handed to the pull-through services.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import metrics
+from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY
+from proxy.errors import NameInvalid, RegistryError, Unsupported
+from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
+from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
+from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
+from proxy.routing import Route, Router
+
+log = logging.getLogger(__name__)
+
+REGISTRY_KEY = web.AppKey("registry", PullThroughRegistry)
+ROUTER_KEY = web.AppKey("router", Router)
+READ_METHODS = frozenset({"GET", "HEAD"})
+CACHE_HEADER = "X-Cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: str  # manifest | blob | tags
+    name: str
+    reference: str
+
+
+def parse_target(tail: str) -> Target:
+    """Split ``<name>/manifests/<ref>``, ``<name>/blobs/<digest>``, ``<name>/tags/list``."""
+    if tail.endswith("/tags/list"):
+        return Target("tags", tail[: -len("/tags/list")], "")
+    if "/blobs/uploads" in tail:
+        raise Unsupported("this is a pull-through cache: pushing is not supported")
+    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob")):
+        name, found, reference = tail.rpartition(marker)
+        if found and name and reference and "/" not in reference:
+            return Target(kind, name, reference)
+    raise NameInvalid(f"not a registry API path: {tail[:200]!r}")
+
+
+async def base(request: web.Request) -> web.Response:
+    request[ROUTE_KEY] = "base"
+    return web.json_response({})
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    tail = request.match_info["tail"]
+    if request.method not in READ_METHODS:
+        request[ROUTE_KEY] = "write"
+        raise Unsupported("this is a pull-through cache: push, delete and mount are not supported")
+    target = parse_target(tail)
+    request[ROUTE_KEY] = target.kind
+    parse_name(target.name)
+    route = request.app[ROUTER_KEY].route(target.name, request.query.get("ns"))
+    services = request.app[REGISTRY_KEY].services(route.upstream)
+    if target.kind == "manifest":
+        response = await manifest(request, route, services, Reference.parse(target.reference))
+    elif target.kind == "blob":
+        response = await blob(request, route, services, Digest.parse(target.reference))
+    else:
+        response = await tags_list(request, route, services, target.name)
+    if route.namespace is not None and not response.prepared:
+        response.headers["OCI-Namespace"] = route.namespace
+    return response
+
+
+async def manifest(
+    request: web.Request, route: Route, services: UpstreamServices, reference: Reference
+) -> web.StreamResponse:
+    result = await services.manifests.get(route.repo, reference, request.headers.get("Accept"))
+    stored = result.manifest
+    headers = {
+        "Docker-Content-Digest": str(stored.digest),
+        "ETag": f'"{stored.digest}"',
+        CACHE_HEADER: result.outcome.upper(),
+    }
+    if _not_modified(request, stored.digest):
+        return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = stored.media_type
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(stored.body))
+        return web.Response(headers=headers)
+    metrics.SERVED_BYTES.labels("cache" if result.outcome == "hit" else "upstream").inc(
+        len(stored.body)
+    )
+    return web.Response(body=stored.body, headers=headers)
+
+
+async def blob(
+    request: web.Request, route: Route, services: UpstreamServices, digest: Digest
+) -> web.StreamResponse:
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": MEDIA_TYPE_OCTET_STREAM,
+        "Accept-Ranges": "bytes",
+    }
+    request[ETAG_KEY] = f'"{digest}"'
+    if _not_modified(request, digest):
+        return web.Response(status=304, headers=headers)
+    if request.method == "HEAD":
+        descriptor = await services.blobs.head(route.repo, digest)
+        headers["Content-Length"] = str(descriptor.size)
+        return web.Response(headers=headers)
+    opened = await services.blobs.open(route.repo, digest)
+    if isinstance(opened, LocalBlob) and not opened.path.exists():
+        await services.blobs.forget(digest)
+        opened = await services.blobs.open(route.repo, digest)
+    if isinstance(opened, LocalBlob):
+        headers[CACHE_HEADER] = "HIT"
+        metrics.SERVED_BYTES.labels("cache").inc(opened.descriptor.size)
+        return web.FileResponse(opened.path, headers=headers)
+    return await _stream_fetch(request, opened, headers)
+
+
+async def _stream_fetch(
+    request: web.Request, opened: FetchingBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Follow a fetch in progress. On failure, abort the connection: never a clean 200."""
+    fetch = opened.fetch
+    headers[CACHE_HEADER] = "COALESCED" if opened.coalesced else "MISS"
+    response = web.StreamResponse(headers=headers)
+    if fetch.size is not None:
+        response.content_length = fetch.size
+    await response.prepare(request)
+    served = metrics.SERVED_BYTES.labels("upstream")
+    try:
+        async for chunk in fetch.read():
+            await response.write(chunk)
+            served.inc(len(chunk))
+    except RegistryError as exc:
+        log.warning("aborting blob response: %s", exc.message, extra={"digest": str(fetch.digest)})
+        _abort(request, response)
+        return response
+    except ConnectionError:
+        return response  # the client went away; the fetch goes on without it
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request, response: web.StreamResponse) -> None:
+    response.force_close()
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def tags_list(
+    request: web.Request, route: Route, services: UpstreamServices, client_name: str
+) -> web.Response:
+    # Only the spec's pagination parameters go upstream; an ``n`` that is no number is
+    # dropped rather than relayed.
+    params = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    if not params.get("n", "0").isdigit():
+        del params["n"]
+    relayed = await services.client.tags_list(route.repo, params)
+    headers = {"Content-Type": relayed.headers.get("Content-Type", "application/json")}
+    link = relayed.headers.get("Link")
+    if link:
+        headers["Link"] = _rewrite_link(link, client_name, route.namespace)
+    body = relayed.body
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("name") == route.repo:
+            data["name"] = client_name
+            body = json.dumps(data).encode()
+    except ValueError:
+        pass
+    return web.Response(body=body, headers=headers)
+
+
+def _rewrite_link(link: str, client_name: str, namespace: str | None) -> str:
+    """Point the upstream's ``Link: </v2/<repo>/tags/list?...>; rel="next"`` at us."""
+    target, _, rest = link.partition(";")
+    url = target.strip().strip("<>")
+    query = [(k, v) for k, v in parse_qsl(urlsplit(url).query) if k in ("n", "last")]
+    if namespace is not None:
+        query.append(("ns", namespace))
+    return f"</v2/{client_name}/tags/list?{urlencode(query)}>;{rest}"
+
+
+def _not_modified(request: web.Request, digest: Digest) -> bool:
+    value = request.headers.get("If-None-Match")
+    if not value:
+        return False
+    etags = {item.strip().removeprefix("W/") for item in value.split(",")}
+    return f'"{digest}"' in etags or "*" in etags
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    request[ROUTE_KEY] = "metrics"
+    response = web.Response(body=generate_latest())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    request[ROUTE_KEY] = "health"
+    return web.json_response({"status": "ok"})

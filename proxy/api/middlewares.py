@@ -1,0 +1,84 @@
+"""Request middleware: OCI error rendering and request metrics.
+
+Only this layer turns a ``RegistryError`` into the spec's JSON body. Anything else that
+escapes a handler is a bug: it is logged once here and answered 500 with an OCI body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy import metrics
+from proxy.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADER = "Docker-Distribution-API-Version"
+API_VERSION = "registry/2.0"
+ROUTE_KEY = "registry_proxy.route"
+ETAG_KEY = "registry_proxy.etag"
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    detail: object = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"errors": [{"code": code, "message": message, "detail": detail}]}
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def render(exc: RegistryError) -> web.Response:
+    return error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        return render(exc)
+    except web.HTTPMethodNotAllowed:
+        return error_response(405, "UNSUPPORTED", "method not allowed")
+    except web.HTTPNotFound:
+        return error_response(404, "NOT_FOUND", f"no route for {request.path[:200]!r}")
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path[:200]})
+        return error_response(500, "UNKNOWN", "internal error")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        route = request.get(ROUTE_KEY, "other")
+        metrics.REQUESTS.labels(route, request.method, metrics.status_class(status)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time.monotonic() - started)
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, set last so that nothing overrides them."""
+    response.headers[API_VERSION_HEADER] = API_VERSION
+    etag = request.get(ETAG_KEY)
+    if etag is not None:
+        response.headers["ETag"] = etag
+        response.headers.pop("Last-Modified", None)

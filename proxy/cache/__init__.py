@@ -1,0 +1,1 @@
+"""Descriptor caches: in-process memory now; Redis joins as a second layer later."""

@@ -1,0 +1,75 @@
+"""Every Prometheus metric of the proxy, defined once (prefix ``registry_proxy_``).
+
+Labels come only from fixed sets: route, method, status class, kind, layer, result and
+the configured upstream names. Never digests, tags or repository names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+PREFIX = "registry_proxy_"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+BUILD_INFO = Info(PREFIX + "build", "Version of the running proxy")
+
+REQUESTS = Counter(
+    PREFIX + "http_requests_total",
+    "Client requests answered, by route, method and status class",
+    ["route", "method", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    PREFIX + "http_request_duration_seconds",
+    "Time to answer a client request (headers and body), by route",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+CACHE_LOOKUPS = Counter(
+    PREFIX + "cache_lookups_total",
+    "Cache look-ups by kind (blob|manifest|tag), layer (memory|redis|disk) and result "
+    "(hit|miss|error)",
+    ["kind", "layer", "result"],
+)
+SERVED_BYTES = Counter(
+    PREFIX + "served_bytes_total",
+    "Body bytes sent to clients, by source (cache|upstream)",
+    ["source"],
+)
+UPSTREAM_BYTES = Counter(
+    PREFIX + "upstream_fetched_bytes_total",
+    "Body bytes received from upstream registries",
+    ["upstream"],
+)
+UPSTREAM_REQUESTS = Counter(
+    PREFIX + "upstream_requests_total",
+    "Requests sent to upstream registries, by method and status class (or 'error')",
+    ["upstream", "method", "status"],
+)
+UPSTREAM_SECONDS = Histogram(
+    PREFIX + "upstream_request_duration_seconds",
+    "Time to the response headers of an upstream request",
+    ["upstream", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+INFLIGHT_FETCHES = Gauge(
+    PREFIX + "inflight_fetches",
+    "Upstream blob fetches in progress",
+)
+COALESCED = Counter(
+    PREFIX + "coalesced_requests_total",
+    "Requests that joined a fetch already in progress instead of starting one, by kind",
+    ["kind"],
+)
+STALE_SERVES = Counter(
+    PREFIX + "stale_serves_total",
+    "Tagged manifests served from cache because the upstream could not revalidate them",
+    ["upstream"],
+)
+DIGEST_MISMATCHES = Counter(
+    PREFIX + "digest_mismatches_total",
+    "Upstream content rejected because its digest or size was not the one asked for",
+)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"

@@ -1,0 +1,1 @@
+"""The pull-through services: what the API asks, per upstream and repository."""

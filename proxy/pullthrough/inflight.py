@@ -1,0 +1,185 @@
+"""One upstream fetch per blob, however many clients ask for it at once.
+
+Protocol:
+
+* ``InflightBlobFetches.join(digest, opener)`` returns the ``BlobFetch`` in progress for
+  the digest or starts one. Check-and-insert happens without an ``await`` in between, so
+  two requests on the event loop can never start two fetches for one digest.
+* The fetch runs in a task owned by this registry (hence by the application), not by any
+  request: a client hanging up never cancels it. It streams the upstream body into a
+  temp file (hashing as it goes, in a worker thread), then verifies digest and size,
+  fsyncs, renames into place and records the descriptor.
+* Every client, the first included, follows the growing temp file from its own offset
+  (``BlobFetch.read``): bytes reach all of them as they arrive from upstream.
+* On an upstream failure or a digest mismatch nothing is committed, the temp file is
+  removed, and every reader's iterator raises, so the API layer aborts connections
+  that already sent headers instead of finishing a complete-looking 200.
+* A fetch is removed from the registry when it ends; a later miss starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, suppress
+
+from proxy import metrics
+from proxy.errors import UpstreamUnavailable
+from proxy.interfaces import BlobDescriptorService, BlobWriter, UpstreamBlob
+from proxy.model import Descriptor, Digest
+from proxy.storage.disk import DiskBlobStore
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+DEFAULT_FETCH_TIMEOUT = 3600.0
+
+BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
+
+
+class BlobFetch:
+    """State of one in-progress fetch, shared by its readers."""
+
+    def __init__(self, digest: Digest, store: DiskBlobStore) -> None:
+        self.digest = digest
+        self._store = store
+        self.size: int | None = None
+        self.written = 0
+        self.temp_path: os.PathLike[str] | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Descriptor] = asyncio.get_running_loop().create_future()
+        self._progress = asyncio.Event()
+        self.readers = 0
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def wait_ready(self) -> None:
+        """Wait for the upstream's headers; raises the fetch's error if it failed first."""
+        await asyncio.shield(self.ready)
+
+    async def read(self, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield the blob from ``offset`` as it is written; raises if the fetch fails.
+
+        Must be called after ``wait_ready``. The temp file is opened once: a later rename
+        (commit) or unlink (failure) does not affect an open descriptor.
+        """
+        fd = self._open()
+        self.readers += 1
+        try:
+            while True:
+                available = self.written
+                if offset < available:
+                    length = min(READ_CHUNK, available - offset)
+                    data = await asyncio.to_thread(os.pread, fd, length, offset)
+                    if not data:
+                        raise UpstreamUnavailable("blob temp file shorter than announced")
+                    offset += len(data)
+                    yield data
+                    continue
+                if self.done.done():
+                    self.done.result()  # raises the fetch's error, if any
+                    if offset >= self.written:
+                        return
+                    continue
+                await self._progress.wait()
+        finally:
+            self.readers -= 1
+            os.close(fd)
+
+    def _open(self) -> int:
+        assert self.temp_path is not None
+        try:
+            return os.open(self.temp_path, os.O_RDONLY)
+        except FileNotFoundError:
+            # Committed (renamed) between our look-up and now: follow it to its final name.
+            if self.done.done():
+                self.done.result()  # raises the fetch's error, if it failed
+                return os.open(self._store.path(self.digest), os.O_RDONLY)
+            raise UpstreamUnavailable("blob fetch ended before it could be read") from None
+
+
+class InflightBlobFetches:
+    """The application's registry of blob fetches in progress, keyed by digest."""
+
+    def __init__(
+        self,
+        store: DiskBlobStore,
+        descriptors: BlobDescriptorService,
+        *,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
+    ) -> None:
+        self._store = store
+        self._descriptors = descriptors
+        self._timeout = timeout
+        self._fetches: dict[Digest, BlobFetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, digest: Digest) -> BlobFetch | None:
+        return self._fetches.get(digest)
+
+    def join(self, digest: Digest, opener: BlobOpener) -> tuple[BlobFetch, bool]:
+        """The fetch in progress for ``digest`` (and True), or a new one started (and False)."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            metrics.COALESCED.labels("blob").inc()
+            return fetch, True
+        fetch = BlobFetch(digest, self._store)
+        self._fetches[digest] = fetch
+        task = asyncio.create_task(self._run(fetch, opener), name=f"fetch {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch, False
+
+    async def close(self) -> None:
+        """Cancel every fetch (application shutdown); temp files are removed."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, fetch: BlobFetch, opener: BlobOpener) -> None:
+        metrics.INFLIGHT_FETCHES.inc()
+        writer: BlobWriter | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with opener() as upstream:
+                    writer = await self._store.create(fetch.digest)
+                    fetch.size = upstream.size
+                    fetch.temp_path = writer.temp_path
+                    fetch.ready.set_result(None)
+                    async for chunk in upstream.chunks():
+                        await writer.write(chunk)
+                        fetch.written += len(chunk)
+                        if fetch.size is not None and fetch.written > fetch.size:
+                            break  # more than announced: commit's size check rejects it
+                        fetch._notify()
+                size = fetch.size if fetch.size is not None else fetch.written
+                descriptor = await writer.commit(Descriptor(fetch.digest, size))
+            await self._descriptors.set_descriptor(fetch.digest, descriptor)
+            fetch.done.set_result(descriptor)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            if isinstance(exc, TimeoutError):
+                error = UpstreamUnavailable(f"blob fetch exceeded {self._timeout:.0f}s")
+            if not fetch.ready.done():
+                fetch.ready.set_exception(error)
+            if not fetch.done.done():
+                fetch.done.set_exception(error)
+            log.warning("blob fetch failed: %s", error, extra={"digest": str(fetch.digest)})
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if writer is not None:
+                await writer.cancel()
+            # Mark exceptions retrieved: readers may all have left already.
+            for fut in (fetch.ready, fetch.done):
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+            self._fetches.pop(fetch.digest, None)
+            metrics.INFLIGHT_FETCHES.dec()
+            fetch._notify()

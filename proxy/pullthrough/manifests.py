@@ -1,0 +1,145 @@
+"""Manifests of one upstream: by digest (immutable) and by tag (revalidated after a TTL).
+
+By digest: a local hit is served byte for byte; a miss is fetched by digest, verified
+and stored.
+
+By tag: the tag maps to (digest, media type, fetched-at). Within the upstream's
+``tag_ttl`` it is served with no upstream request. After the TTL it is revalidated with
+a HEAD (which Docker Hub does not count as a pull): same digest refreshes the mapping;
+a new digest is fetched by digest. If the upstream cannot answer (unreachable, 5xx,
+429) the cached mapping is served stale, counted and marked; with nothing cached the
+real error goes to the client.
+
+A cached manifest is served only when the client's Accept admits its media type;
+otherwise the upstream is asked with the client's Accept. Concurrent misses for one
+(repository, reference, Accept) share one upstream request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy import metrics
+from proxy.errors import NotAcceptable, TooManyRequests, UpstreamError
+from proxy.interfaces import TagEntry, TagService
+from proxy.model import Digest, Reference, accepts
+from proxy.pullthrough.coalesce import Coalescer
+from proxy.settings import UpstreamSettings
+from proxy.storage.manifests import ManifestStore, StoredManifest
+from proxy.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# Cache outcomes, as reported to the access log and the response's X-Cache header.
+HIT = "hit"
+MISS = "miss"
+REVALIDATED = "revalidated"
+STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    manifest: StoredManifest
+    outcome: str
+
+
+class ProxyManifestService:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        upstream: UpstreamClient,
+        store: ManifestStore,
+        tags: TagService,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._upstream = upstream
+        self._store = store
+        self._tags = tags
+        self._clock = clock
+        self._coalescer: Coalescer[StoredManifest] = Coalescer("manifest")
+
+    async def close(self) -> None:
+        await self._coalescer.close()
+
+    async def get(self, repo: str, reference: Reference, accept: str | None) -> ManifestResult:
+        """The manifest for ``reference``; raises ManifestUnknown and upstream errors."""
+        if reference.digest is not None:
+            return await self._get_by_digest(repo, reference.digest, accept)
+        assert reference.tag is not None
+        return await self._get_by_tag(repo, reference.tag, accept)
+
+    async def _get_by_digest(self, repo: str, digest: Digest, accept: str | None) -> ManifestResult:
+        local = await self._store.get(digest)
+        if local is not None and accepts(accept, local.media_type):
+            return ManifestResult(local, HIT)
+        if local is not None:
+            raise NotAcceptable(
+                f"manifest {digest} is {local.media_type}, which the Accept header refuses"
+            )
+        key = ("digest", repo, str(digest))
+        manifest = await self._coalescer.run(key, lambda: self._fetch(repo, str(digest), accept))
+        return ManifestResult(manifest, MISS)
+
+    async def _get_by_tag(self, repo: str, tag: str, accept: str | None) -> ManifestResult:
+        entry = await self._tags.get(self._settings.name, repo, tag)
+        if entry is not None and accepts(accept, entry.media_type):
+            local = await self._store.get(entry.digest)
+            if local is not None:
+                age = self._clock() - entry.fetched_at
+                if age < self._settings.tag_ttl:
+                    return ManifestResult(local, HIT)
+                return await self._revalidate(repo, tag, accept, entry, local)
+        key = ("tag", repo, tag, _accept_key(accept))
+        manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))
+        return ManifestResult(manifest, MISS)
+
+    async def _revalidate(
+        self, repo: str, tag: str, accept: str | None, entry: TagEntry, local: StoredManifest
+    ) -> ManifestResult:
+        key = ("head", repo, tag, _accept_key(accept))
+        try:
+            head = await self._coalescer.run(key, lambda: self._head_tag(repo, tag, accept, entry))
+        except (UpstreamError, TooManyRequests) as exc:
+            metrics.STALE_SERVES.labels(self._settings.name).inc()
+            log.warning(
+                "serving stale tag: upstream failed to revalidate: %s",
+                exc.message,
+                extra={"upstream": self._settings.name, "repo": repo, "tag": tag},
+            )
+            return ManifestResult(local, STALE)
+        return ManifestResult(head, REVALIDATED if head.digest == local.digest else MISS)
+
+    async def _head_tag(
+        self, repo: str, tag: str, accept: str | None, entry: TagEntry
+    ) -> StoredManifest:
+        head = await self._upstream.get_manifest(repo, tag, accept, head=True)
+        manifest = await self._store.get(head.digest) if head.digest == entry.digest else None
+        if manifest is None:
+            manifest = await self._fetch(repo, str(head.digest), accept)
+        await self._record_tag(repo, tag, manifest)
+        return manifest
+
+    async def _fetch_tag(self, repo: str, tag: str, accept: str | None) -> StoredManifest:
+        manifest = await self._fetch(repo, tag, accept)
+        await self._record_tag(repo, tag, manifest)
+        return manifest
+
+    async def _fetch(self, repo: str, reference: str, accept: str | None) -> StoredManifest:
+        fetched = await self._upstream.get_manifest(repo, reference, accept)
+        assert fetched.body is not None
+        return await self._store.put(fetched.digest, fetched.media_type, fetched.body)
+
+    async def _record_tag(self, repo: str, tag: str, manifest: StoredManifest) -> None:
+        entry = TagEntry(manifest.digest, manifest.media_type, len(manifest.body), self._clock())
+        await self._tags.set(self._settings.name, repo, tag, entry)
+
+
+def _accept_key(accept: str | None) -> tuple[str, ...]:
+    if not accept:
+        return ()
+    return tuple(sorted({item.split(";")[0].strip().lower() for item in accept.split(",")}))

@@ -1,0 +1,67 @@
+"""Which upstream a request is for, and the repository name to ask it for.
+
+In order:
+1. containerd's ``?ns=<registry host[:port]>``: the upstream whose URL host or alias it
+   names; an ``ns`` that names none is refused (404 NAME_UNKNOWN naming it), never
+   served from another registry.
+2. A path prefix ``/v2/<upstream-name>/<repo>/...`` for clients that cannot send ``ns``.
+   When the first component is an upstream's name, the prefix wins over a repository of
+   that name on the default upstream.
+3. The default upstream, for bare ``/v2/<repo>/...`` (Docker's ``registry-mirrors``).
+
+Docker Hub names are normalised: ``nginx`` is ``library/nginx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.errors import NameUnknown
+from proxy.model import parse_name
+from proxy.settings import UpstreamSettings
+
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    upstream: UpstreamSettings
+    repo: str
+    """The repository name on the upstream (normalised)."""
+    namespace: str | None = None
+    """The ``ns`` the request was routed by, echoed as ``OCI-Namespace``."""
+
+
+class Router:
+    def __init__(self, upstreams: tuple[UpstreamSettings, ...]) -> None:
+        self._by_ns = {ns: up for up in upstreams for ns in up.namespaces()}
+        self._by_name = {up.name: up for up in upstreams}
+        self._default = next((up for up in upstreams if up.default), None)
+
+    def route(self, name: str, ns: str | None) -> Route:
+        """Route a validated client-side repository name; raises NameUnknown."""
+        parse_name(name)
+        if ns is not None:
+            upstream = self._by_ns.get(ns.lower())
+            if upstream is None:
+                raise NameUnknown(f"namespace {ns[:255]!r} is not served by this proxy")
+            return Route(upstream, _normalise(upstream, name), ns)
+        first, _, rest = name.partition("/")
+        if rest and first in self._by_name:
+            upstream = self._by_name[first]
+            return Route(upstream, _normalise(upstream, rest))
+        if self._default is None:
+            raise NameUnknown(
+                f"repository {name!r} names no upstream and no default upstream is configured"
+            )
+        return Route(self._default, _normalise(self._default, name))
+
+
+def is_docker_hub(upstream: UpstreamSettings) -> bool:
+    return bool(upstream.namespaces() & DOCKER_HUB_HOSTS)
+
+
+def _normalise(upstream: UpstreamSettings, repo: str) -> str:
+    if "/" not in repo and is_docker_hub(upstream):
+        return "library/" + repo
+    return repo

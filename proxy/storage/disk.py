@@ -1,0 +1,196 @@
+"""Content-addressed blob store on local disk.
+
+Layout under the cache directory::
+
+    blobs/<algorithm>/<first two hex>/<hex>   committed content, complete by construction
+    tmp/<hex>.<random>.part                   ingest in progress; removed at start-up
+
+A blob is written to ``tmp/``, hashed while it streams, verified against the digest and
+size it was asked for, fsynced and renamed into ``blobs/``: a file under its final name
+is always complete, and a crash leaves at worst a ``.part`` file that the next start
+removes. Blocking file calls run in the default executor, except ``stat`` of a committed
+blob, a metadata look-up that costs less than the thread hop would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from proxy import metrics
+from proxy.errors import BlobUnknown, DigestMismatch, TooLarge
+from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter
+from proxy.model import Descriptor, Digest
+
+log = logging.getLogger(__name__)
+
+BLOBS_DIR = "blobs"
+TMP_DIR = "tmp"
+PART_SUFFIX = ".part"
+
+
+class DiskBlobStore(BlobStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / BLOBS_DIR
+        self._tmp = root / TMP_DIR
+
+    def open_store(self) -> None:
+        """Create the directories and remove temp files a previous run left behind."""
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self._tmp.iterdir():
+            try:
+                leftover.unlink()
+                removed += 1
+            except IsADirectoryError:
+                continue
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d leftover temp files", removed, extra={"dir": str(self._tmp)})
+
+    def path(self, digest: Digest) -> Path:
+        return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        try:
+            st = os.stat(self.path(digest))
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not cached") from None
+        return Descriptor(digest, st.st_size)
+
+    async def read(self, digest: Digest, limit: int) -> bytes:
+        def _read() -> bytes:
+            with open(self.path(digest), "rb") as f:
+                data = f.read(limit + 1)
+            return data
+
+        try:
+            data = await asyncio.to_thread(_read)
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not cached") from None
+        if len(data) > limit:
+            raise TooLarge(f"blob {digest} is larger than {limit} bytes")
+        return data
+
+    async def create(self, digest: Digest) -> BlobWriter:
+        name = f"{digest.hex}.{secrets.token_hex(4)}{PART_SUFFIX}"
+        temp = self._tmp / name
+        fd = await asyncio.to_thread(os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        return DiskBlobWriter(self, digest, temp, fd)
+
+    async def delete(self, digest: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self.path(digest))
+
+    async def put(self, digest: Digest, data: bytes) -> Descriptor:
+        """Store a small blob held in memory (a manifest) with the same verify-then-rename."""
+        writer = await self.create(digest)
+        try:
+            await writer.write(data)
+            return await writer.commit(Descriptor(digest, len(data)))
+        finally:
+            await writer.cancel()
+
+
+class DiskBlobWriter(BlobWriter):
+    """Writes one blob: hashing and writing run together in a worker thread."""
+
+    def __init__(self, store: DiskBlobStore, digest: Digest, temp: Path, fd: int) -> None:
+        self._store = store
+        self._digest = digest
+        self._temp = temp
+        self._fd: int | None = fd
+        self._hasher = digest.hasher()
+        self._written = 0
+        self._committed = False
+
+    @property
+    def temp_path(self) -> Path:
+        return self._temp
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def _write_sync(self, chunk: bytes) -> None:
+        assert self._fd is not None, "write after commit or cancel"
+        self._hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    async def write(self, chunk: bytes) -> None:
+        await asyncio.to_thread(self._write_sync, chunk)
+        self._written += len(chunk)
+
+    def _commit_sync(self, expected: Descriptor) -> Descriptor:
+        assert self._fd is not None, "commit after commit or cancel"
+        actual = Digest(expected.digest.algorithm, self._hasher.hexdigest())
+        if actual != expected.digest or self._written != expected.size:
+            metrics.DIGEST_MISMATCHES.inc()
+            raise DigestMismatch(
+                f"upstream content does not match {expected.digest}",
+                detail={
+                    "expected": {"digest": str(expected.digest), "size": expected.size},
+                    "actual": {"digest": str(actual), "size": self._written},
+                },
+            )
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        final = self._store.path(expected.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self._temp, final)
+        self._committed = True
+        return Descriptor(expected.digest, self._written, expected.media_type)
+
+    async def commit(self, expected: Descriptor) -> Descriptor:
+        return await asyncio.to_thread(self._commit_sync, expected)
+
+    def _cancel_sync(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp)
+
+    async def cancel(self) -> None:
+        # Shielded: cleanup must finish even when the task that owns it is cancelled.
+        await asyncio.shield(asyncio.to_thread(self._cancel_sync))
+
+
+class DiskDescriptorService(BlobDescriptorService):
+    """The bottom of the descriptor chain: the committed file is the record.
+
+    ``stat`` looks at the disk; ``set_descriptor`` has nothing to add (commit wrote the
+    file) and ``clear`` forgets nothing (removing content is eviction's job, not a cache's).
+    """
+
+    def __init__(self, store: DiskBlobStore) -> None:
+        self._store = store
+        self._hits = metrics.CACHE_LOOKUPS.labels("blob", "disk", "hit")
+        self._misses = metrics.CACHE_LOOKUPS.labels("blob", "disk", "miss")
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        try:
+            descriptor = await self._store.stat(digest)
+        except BlobUnknown:
+            self._misses.inc()
+            raise
+        self._hits.inc()
+        return descriptor
+
+    async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
+        return None
+
+    async def clear(self, digest: Digest) -> None:
+        return None

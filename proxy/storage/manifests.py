@@ -1,0 +1,63 @@
+"""Manifests on disk, content-addressed like blobs, with an in-memory L1 of their bytes.
+
+A manifest is stored byte for byte under its digest (never converted: the digest is its
+identity). Its media type is not stored beside it: it is read back from the manifest's
+own ``mediaType`` field or implied by its shape, so nothing can get out of step. The L1
+holds whole manifests, bounded by total bytes, so a warm GET by digest costs no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from proxy import metrics
+from proxy.errors import BlobUnknown
+from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, sniff_media_type
+from proxy.storage.disk import DiskBlobStore
+
+MAX_MANIFEST_SIZE = 4 << 20
+DEFAULT_MEMORY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+def _size(manifest: StoredManifest) -> int:
+    return len(manifest.body) + 200
+
+
+class ManifestStore:
+    def __init__(self, store: DiskBlobStore, max_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self._store = store
+        self._memory: LRUCache[Digest, StoredManifest] = LRUCache(max_memory_bytes, getsizeof=_size)
+
+    async def get(self, digest: Digest) -> StoredManifest | None:
+        """The manifest if it is cached locally, else None."""
+        manifest = self._memory.get(digest)
+        if manifest is not None:
+            metrics.CACHE_LOOKUPS.labels("manifest", "memory", "hit").inc()
+            return manifest
+        metrics.CACHE_LOOKUPS.labels("manifest", "memory", "miss").inc()
+        try:
+            body = await self._store.read(digest, MAX_MANIFEST_SIZE)
+        except BlobUnknown:
+            metrics.CACHE_LOOKUPS.labels("manifest", "disk", "miss").inc()
+            return None
+        metrics.CACHE_LOOKUPS.labels("manifest", "disk", "hit").inc()
+        media_type = sniff_media_type(body) or MEDIA_TYPE_OCTET_STREAM
+        manifest = StoredManifest(digest, media_type, body)
+        self._memory[digest] = manifest
+        return manifest
+
+    async def put(self, digest: Digest, media_type: str, body: bytes) -> StoredManifest:
+        """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs."""
+        await self._store.put(digest, body)
+        manifest = StoredManifest(digest, media_type, body)
+        self._memory[digest] = manifest
+        return manifest
