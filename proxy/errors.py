@@ -61,6 +61,13 @@ class Unsupported(RegistryError):
     status = 405
 
 
+class RouteUnknown(RegistryError):
+    """A path under /v2/ that is no endpoint we serve (such as referrers, for now)."""
+
+    code = "UNSUPPORTED"
+    status = 404
+
+
 class Unauthorized(RegistryError):
     code = "UNAUTHORIZED"
     status = 401

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
 from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY
-from proxy.errors import NameInvalid, RegistryError, Unsupported
+from proxy.errors import RegistryError, RouteUnknown, Unsupported
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
 from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
@@ -49,7 +49,7 @@ def parse_target(tail: str) -> Target:
         name, found, reference = tail.rpartition(marker)
         if found and name and reference and "/" not in reference:
             return Target(kind, name, reference)
-    raise NameInvalid(f"not a registry API path: {tail[:200]!r}")
+    raise RouteUnknown(f"not an endpoint of this registry: {tail[:200]!r}")
 
 
 async def base(request: web.Request) -> web.Response:
