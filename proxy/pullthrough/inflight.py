@@ -10,7 +10,8 @@ Protocol:
   temp file (hashing as it goes, in a worker thread), then verifies digest and size,
   fsyncs, renames into place and records the descriptor.
 * Every client, the first included, follows the growing temp file from its own offset
-  (``BlobFetch.read``): bytes reach all of them as they arrive from upstream.
+  (``BlobFetch.read``): bytes reach all of them as they arrive from upstream, except
+  the last byte, which waits for the digest check.
 * On an upstream failure or a digest mismatch nothing is committed, the temp file is
   removed, and every reader's iterator raises, so the API layer aborts connections
   that already sent headers instead of finishing a complete-looking 200.
@@ -71,7 +72,12 @@ class BlobFetch:
         self.readers += 1
         try:
             while True:
-                available = self.written
+                finished = self.done.done()
+                if finished:
+                    self.done.result()  # raises the fetch's error, if any
+                # The last byte is held back until the digest is verified, so a client
+                # never receives a complete body that turns out to be wrong.
+                available = self.written if finished else self.written - 1
                 if offset < available:
                     length = min(READ_CHUNK, available - offset)
                     data = await asyncio.to_thread(os.pread, fd, length, offset)
@@ -80,11 +86,8 @@ class BlobFetch:
                     offset += len(data)
                     yield data
                     continue
-                if self.done.done():
-                    self.done.result()  # raises the fetch's error, if any
-                    if offset >= self.written:
-                        return
-                    continue
+                if finished:
+                    return
                 await self._progress.wait()
         finally:
             self.readers -= 1
@@ -174,8 +177,6 @@ class InflightBlobFetches:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            if writer is not None:
-                await writer.cancel()
             # Mark exceptions retrieved: readers may all have left already.
             for fut in (fetch.ready, fetch.done):
                 if fut.done() and not fut.cancelled():
@@ -183,3 +184,5 @@ class InflightBlobFetches:
             self._fetches.pop(fetch.digest, None)
             metrics.INFLIGHT_FETCHES.dec()
             fetch._notify()
+            if writer is not None:
+                await writer.cancel()  # readers hold open descriptors; unlinking is safe
