@@ -113,6 +113,22 @@ class TagService(Protocol):
         ...
 
 
+class LinkService(Protocol):
+    """Which repositories are known to hold a digest (Distribution's linked blob store).
+
+    A digest is served for ``<upstream>/<repo>`` only when linked there: content cached
+    through one repository is not handed out through another by guessing its digest.
+    """
+
+    async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
+        """Whether ``repo`` on ``upstream`` is known to hold ``digest``. Never raises."""
+        ...
+
+    async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        """Record that ``repo`` holds ``digests``. Idempotent; advisory layers never raise."""
+        ...
+
+
 class UpstreamBlob(Protocol):
     """An open upstream blob response: its size (when announced) and its body."""
 

@@ -70,6 +70,28 @@ DIGEST_MISMATCHES = Counter(
     "Upstream content rejected because its digest or size was not the one asked for",
 )
 
+CACHE_SECONDS = Histogram(
+    PREFIX + "cache_lookup_duration_seconds",
+    "Time of a descriptor look-up, by layer (memory|redis|disk|upstream)",
+    ["layer"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1),
+)
+REDIS_OPERATIONS = Counter(
+    PREFIX + "redis_operations_total",
+    "Redis operations by op (get|set|clear|ping) and result (ok|error|skipped)",
+    ["op", "result"],
+)
+REDIS_SECONDS = Histogram(
+    PREFIX + "redis_operation_duration_seconds",
+    "Time of successful Redis round trips",
+    ["op"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25),
+)
+REDIS_BREAKER_STATE = Gauge(
+    PREFIX + "redis_breaker_state",
+    "Redis circuit breaker: 0 closed (in use), 1 open (skipped), 2 half-open (probing)",
+)
+
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"

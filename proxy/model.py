@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid
+from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid, RegistryError
 
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -145,3 +145,26 @@ def sniff_media_type(body: bytes) -> str | None:
     if "config" in data and "layers" in data:
         return MEDIA_TYPE_OCI_MANIFEST
     return None
+
+
+def references(body: bytes) -> list[Digest]:
+    """Digests a manifest references: config, layers, and an index's manifests."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    found: list[Digest] = []
+    items = [data.get("config")]
+    for key in ("layers", "manifests", "blobs"):
+        value = data.get(key)
+        if isinstance(value, list):
+            items.extend(value)
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("digest"), str):
+            try:
+                found.append(Digest.parse(item["digest"]))
+            except RegistryError:
+                continue
+    return found

@@ -111,14 +111,12 @@ async def blob(
     request[ETAG_KEY] = f'"{digest}"'
     if _not_modified(request, digest):
         return web.Response(status=304, headers=headers)
+    blobs = request.app[REGISTRY_KEY].blobs(route.upstream, route.repo)
     if request.method == "HEAD":
-        descriptor = await services.blobs.head(route.repo, digest)
+        descriptor = await blobs.head(digest)
         headers["Content-Length"] = str(descriptor.size)
         return web.Response(headers=headers)
-    opened = await services.blobs.open(route.repo, digest)
-    if isinstance(opened, LocalBlob) and not opened.path.exists():
-        await services.blobs.forget(digest)
-        opened = await services.blobs.open(route.repo, digest)
+    opened = await blobs.open(digest)
     if isinstance(opened, LocalBlob):
         headers[CACHE_HEADER] = "HIT"
         metrics.SERVED_BYTES.labels("cache").inc(opened.descriptor.size)

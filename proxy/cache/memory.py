@@ -6,24 +6,20 @@ from cachetools import LRUCache
 
 from proxy import metrics
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobDescriptorService, TagEntry, TagService
+from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
 from proxy.model import Descriptor, Digest
 
 
 class MemoryDescriptorCache(BlobDescriptorService):
     """Descriptors by digest in a bounded LRU."""
 
-    def __init__(self, max_entries: int, *, kind: str = "blob") -> None:
+    def __init__(self, max_entries: int) -> None:
         self._entries: LRUCache[Digest, Descriptor] = LRUCache(max_entries)
-        self._hits = metrics.CACHE_LOOKUPS.labels(kind, "memory", "hit")
-        self._misses = metrics.CACHE_LOOKUPS.labels(kind, "memory", "miss")
 
     async def stat(self, digest: Digest) -> Descriptor:
         descriptor = self._entries.get(digest)
         if descriptor is None:
-            self._misses.inc()
             raise BlobUnknown(f"blob {digest} is not cached")
-        self._hits.inc()
         return descriptor
 
     async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
@@ -50,3 +46,17 @@ class MemoryTagStore(TagService):
 
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         self._entries[(upstream, repo, tag)] = entry
+
+
+class MemoryLinkStore(LinkService):
+    """Repository links in a bounded LRU of (upstream, repository, digest)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: LRUCache[tuple[str, str, Digest], bool] = LRUCache(max_entries)
+
+    async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
+        return self._entries.get((upstream, repo, digest), False)
+
+    async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        for digest in digests:
+            self._entries[(upstream, repo, digest)] = True

@@ -1,12 +1,19 @@
-"""Blobs of one upstream: served from disk when cached, else through one shared fetch."""
+"""Blobs of one upstream repository: from disk when cached and linked, else one shared fetch.
+
+Presence is the disk's business (a file under its final name is complete); knowledge
+(size, media type, which repositories hold a digest) is the descriptor chain's. A GET
+therefore checks the file, and the repository link: a digest on disk that this
+repository is not known to hold is confirmed with an upstream HEAD first.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy import metrics
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobDescriptorService
+from proxy.interfaces import BlobDescriptorService, LinkService
 from proxy.model import Descriptor, Digest
 from proxy.pullthrough.inflight import BlobFetch, InflightBlobFetches
 from proxy.storage.disk import DiskBlobStore
@@ -30,57 +37,55 @@ class FetchingBlob:
 
 
 class ProxyBlobStore:
+    """One (upstream, repository): what the API's blob handlers ask."""
+
     def __init__(
         self,
         upstream: UpstreamClient,
+        repo: str,
         store: DiskBlobStore,
         descriptors: BlobDescriptorService,
+        links: LinkService,
         inflight: InflightBlobFetches,
     ) -> None:
         self._upstream = upstream
+        self._repo = repo
         self._store = store
         self._descriptors = descriptors
+        self._links = links
         self._inflight = inflight
 
-    async def local(self, digest: Digest) -> LocalBlob | None:
-        try:
-            descriptor = await self._descriptors.stat(digest)
-        except BlobUnknown:
-            return None
-        return LocalBlob(descriptor, self._store.path(digest))
-
-    async def forget(self, digest: Digest) -> None:
-        """The descriptor said cached but the file is gone (evicted, deleted by hand)."""
-        await self._descriptors.clear(digest)
-
-    async def open(self, repo: str, digest: Digest) -> LocalBlob | FetchingBlob:
+    async def open(self, digest: Digest) -> LocalBlob | FetchingBlob:
         """The blob from cache, or the fetch that is bringing it (joined or started).
 
-        Raises BlobUnknown and upstream errors when the fetch cannot start.
+        Raises BlobUnknown (this repository does not have it) and upstream errors.
         """
-        local = await self.local(digest)
-        if local is not None:
-            return local
-        path = self._store.path(digest)
-        if self._inflight.get(digest) is None and path.exists():
-            # The fetch committed and left the registry between our stat and now.
-            return LocalBlob(await self._store.stat(digest), path)
+        linked = await self._links.linked(self._upstream.name, self._repo, digest)
+        if not linked and (self._inflight.get(digest) or self._store.path(digest).exists()):
+            # Held for another repository: only the upstream can say this one has it.
+            await self._descriptors.stat(digest)
+            linked = True
+        if self._inflight.get(digest) is None:
+            try:
+                descriptor = await self._store.stat(digest)
+            except BlobUnknown:
+                metrics.CACHE_LOOKUPS.labels("blob", "disk", "miss").inc()
+            else:
+                metrics.CACHE_LOOKUPS.labels("blob", "disk", "hit").inc()
+                return LocalBlob(descriptor, self._store.path(digest))
         fetch, coalesced = self._inflight.join(
-            digest, lambda: self._upstream.open_blob(repo, digest)
+            digest, lambda: self._upstream.open_blob(self._repo, digest)
         )
         await fetch.wait_ready()
+        if not linked:
+            await self._links.link(self._upstream.name, self._repo, [digest])
         return FetchingBlob(fetch, coalesced)
 
-    async def head(self, repo: str, digest: Digest) -> Descriptor:
-        """Describe the blob without downloading it: cache, fetch in progress, upstream HEAD."""
-        local = await self.local(digest)
-        if local is not None:
-            return local.descriptor
+    async def head(self, digest: Digest) -> Descriptor:
+        """Describe the blob without downloading it: the descriptor chain, whose bottom
+        link is an upstream HEAD for this repository."""
         fetch = self._inflight.get(digest)
-        ready = fetch is not None and fetch.ready.done() and not fetch.ready.exception()
-        if ready and fetch is not None and fetch.size is not None:
-            return Descriptor(digest, fetch.size)
-        head = await self._upstream.head_blob(repo, digest)
-        if head.size is None:
-            raise BlobUnknown(f"upstream gave no size for blob {digest}")
-        return Descriptor(digest, head.size)
+        size = fetch.size if fetch is not None and fetch.ready.done() else None
+        if size is not None and await self._links.linked(self._upstream.name, self._repo, digest):
+            return Descriptor(digest, size)  # arriving now: no need to ask upstream
+        return await self._descriptors.stat(digest)

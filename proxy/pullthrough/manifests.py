@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from proxy import metrics
 from proxy.errors import NotAcceptable, TooManyRequests, UpstreamError
-from proxy.interfaces import TagEntry, TagService
-from proxy.model import Digest, Reference, accepts
+from proxy.interfaces import LinkService, TagEntry, TagService
+from proxy.model import Digest, Reference, accepts, references
 from proxy.pullthrough.coalesce import Coalescer
 from proxy.settings import UpstreamSettings
 from proxy.storage.manifests import ManifestStore, StoredManifest
@@ -53,6 +53,7 @@ class ProxyManifestService:
         upstream: UpstreamClient,
         store: ManifestStore,
         tags: TagService,
+        links: LinkService,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -60,6 +61,7 @@ class ProxyManifestService:
         self._upstream = upstream
         self._store = store
         self._tags = tags
+        self._links = links
         self._clock = clock
         self._coalescer: Coalescer[StoredManifest] = Coalescer("manifest")
 
@@ -75,6 +77,10 @@ class ProxyManifestService:
 
     async def _get_by_digest(self, repo: str, digest: Digest, accept: str | None) -> ManifestResult:
         local = await self._store.get(digest)
+        if local is not None and not await self._links.linked(self._settings.name, repo, digest):
+            # Cached for another repository: only the upstream can say this one has it.
+            await self._upstream.get_manifest(repo, str(digest), accept, head=True)
+            await self._links.link(self._settings.name, repo, [digest])
         if local is not None and accepts(accept, local.media_type):
             return ManifestResult(local, HIT)
         if local is not None:
@@ -132,7 +138,12 @@ class ProxyManifestService:
     async def _fetch(self, repo: str, reference: str, accept: str | None) -> StoredManifest:
         fetched = await self._upstream.get_manifest(repo, reference, accept)
         assert fetched.body is not None
-        return await self._store.put(fetched.digest, fetched.media_type, fetched.body)
+        manifest = await self._store.put(fetched.digest, fetched.media_type, fetched.body)
+        # The repository holds the manifest and everything it references.
+        await self._links.link(
+            self._settings.name, repo, [manifest.digest, *references(manifest.body)]
+        )
+        return manifest
 
     async def _record_tag(self, repo: str, tag: str, manifest: StoredManifest) -> None:
         entry = TagEntry(manifest.digest, manifest.media_type, len(manifest.body), self._clock())

@@ -1,39 +1,71 @@
 """The composition of the pull-through services: the one place chains are assembled.
 
-Descriptor chain for blobs, outermost first (each link takes and returns a
-BlobDescriptorService; middleware from settings wraps the outside):
+Descriptor chain for blobs, outermost first. The shared part is built once::
 
-    [middleware ...] -> CachedBlobStatter(MemoryDescriptorCache, DiskDescriptorService)
+    CachedBlobStatter(memory, CachedBlobStatter(redis, disk))     (redis only if configured)
+
+with each layer wrapped in ``instrumented(<layer>)``. Per request it is completed for one
+(upstream, repository)::
+
+    [middleware ..., e.g. stats, access control]
+      -> RepositoryScopedStatter(links)            only digests linked to this repository
+        -> CachedBlobStatter(shared, UpstreamBlobStatter(repo))   HEAD upstream on a miss
 
 Blob bytes and manifests are shared by every upstream (content-addressed); tag mappings
-are keyed by upstream name, so one repository name on two upstreams never collides.
+and links are keyed by upstream name, so one repository name on two upstreams never
+collides.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy.cache.cached import CachedBlobStatter
-from proxy.cache.memory import MemoryDescriptorCache, MemoryTagStore
-from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, TagService
+from proxy.cache.instrumented import instrumented
+from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore, MemoryTagStore
+from proxy.cache.redis import (
+    RedisDescriptorCache,
+    RedisLayer,
+    RedisLinkStore,
+    RedisTagStore,
+    connect,
+)
+from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, LinkService, TagService
 from proxy.pullthrough.blobs import ProxyBlobStore
 from proxy.pullthrough.inflight import InflightBlobFetches
 from proxy.pullthrough.manifests import ProxyManifestService
+from proxy.pullthrough.scoped import RepositoryScopedStatter, UpstreamBlobStatter
 from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.manifests import ManifestStore
 from proxy.upstream.client import UpstreamClient
 
 
-def build_descriptor_chain(
-    store: DiskBlobStore,
-    max_entries: int,
+def build_shared_descriptors(
+    store: DiskBlobStore, max_entries: int, redis: RedisLayer | None
+) -> BlobDescriptorService:
+    """memory -> [redis ->] disk, each layer instrumented."""
+    backend: BlobDescriptorService = instrumented("disk")(DiskDescriptorService(store))
+    if redis is not None:
+        backend = CachedBlobStatter(instrumented("redis")(RedisDescriptorCache(redis)), backend)
+    memory = instrumented("memory")(MemoryDescriptorCache(max_entries))
+    return CachedBlobStatter(memory, backend)
+
+
+def build_repository_chain(
+    shared: BlobDescriptorService,
+    links: LinkService,
+    client: UpstreamClient,
+    repo: str,
     middleware: Sequence[DescriptorMiddleware] = (),
 ) -> BlobDescriptorService:
-    """memory -> disk, wrapped by ``middleware`` (first in the list is outermost)."""
-    service: BlobDescriptorService = CachedBlobStatter(
-        MemoryDescriptorCache(max_entries), DiskDescriptorService(store)
+    """The per-request chain; the first middleware in the list is the outermost."""
+    upstream = instrumented("upstream")(UpstreamBlobStatter(client, repo))
+    service: BlobDescriptorService = RepositoryScopedStatter(
+        links, client.name, repo, CachedBlobStatter(shared, upstream), upstream
     )
     for wrap in reversed(middleware):
         service = wrap(service)
@@ -45,24 +77,29 @@ class UpstreamServices:
     settings: UpstreamSettings
     client: UpstreamClient
     manifests: ProxyManifestService
-    blobs: ProxyBlobStore
 
 
 class PullThroughRegistry:
     """Everything the API needs, built from settings; opened and closed by the app."""
 
     def __init__(
-        self,
-        settings: Settings,
-        *,
-        middleware: Sequence[DescriptorMiddleware] = (),
-        tags: TagService | None = None,
+        self, settings: Settings, *, middleware: Sequence[DescriptorMiddleware] = ()
     ) -> None:
         self.settings = settings
+        self.middleware = tuple(middleware)
         self.store = DiskBlobStore(settings.cache_dir)
-        self.descriptors = build_descriptor_chain(self.store, settings.memory_entries, middleware)
+        self.redis = RedisLayer(connect(settings.redis_url)) if settings.redis_url else None
+        entries = settings.memory_entries
+        self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
         self.manifest_store = ManifestStore(self.store)
-        self.tags = tags if tags is not None else MemoryTagStore(settings.memory_entries)
+        ttls = {up.name: up.tag_ttl for up in settings.upstreams}
+        self.tags: TagService = MemoryTagStore(entries)
+        self.links: LinkService = MemoryLinkStore(entries * 4)
+        if self.redis is not None:
+            self.tags = TieredTagStore(
+                self.tags, RedisTagStore(self.redis), lambda name: ttls.get(name, 0.0)
+            )
+            self.links = TieredLinkStore(self.links, RedisLinkStore(self.redis))
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
         self.upstreams: dict[str, UpstreamServices] = {}
 
@@ -71,12 +108,10 @@ class PullThroughRegistry:
         self.store.open_store()
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
-            self.upstreams[up.name] = UpstreamServices(
-                settings=up,
-                client=client,
-                manifests=ProxyManifestService(up, client, self.manifest_store, self.tags),
-                blobs=ProxyBlobStore(client, self.store, self.descriptors, self.inflight),
+            manifests = ProxyManifestService(
+                up, client, self.manifest_store, self.tags, self.links, clock=time.time
             )
+            self.upstreams[up.name] = UpstreamServices(up, client, manifests)
 
     async def close(self) -> None:
         await self.inflight.close()
@@ -84,6 +119,13 @@ class PullThroughRegistry:
             await services.manifests.close()
             await services.client.close()
         self.upstreams.clear()
+        if self.redis is not None:
+            await self.redis.close()
 
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]
+
+    def blobs(self, upstream: UpstreamSettings, repo: str) -> ProxyBlobStore:
+        client = self.upstreams[upstream.name].client
+        chain = build_repository_chain(self.descriptors, self.links, client, repo, self.middleware)
+        return ProxyBlobStore(client, repo, self.store, chain, self.links, self.inflight)

@@ -177,17 +177,9 @@ class DiskDescriptorService(BlobDescriptorService):
 
     def __init__(self, store: DiskBlobStore) -> None:
         self._store = store
-        self._hits = metrics.CACHE_LOOKUPS.labels("blob", "disk", "hit")
-        self._misses = metrics.CACHE_LOOKUPS.labels("blob", "disk", "miss")
 
     async def stat(self, digest: Digest) -> Descriptor:
-        try:
-            descriptor = await self._store.stat(digest)
-        except BlobUnknown:
-            self._misses.inc()
-            raise
-        self._hits.inc()
-        return descriptor
+        return await self._store.stat(digest)
 
     async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
         return None

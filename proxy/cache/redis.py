@@ -1,0 +1,259 @@
+"""Redis layer: descriptors, tag mappings and repository links shared by every replica.
+
+Key layout (``<p>`` is the configured prefix, ``rp`` by default; ``v1`` versions the
+layout so a change of it never misreads old data)::
+
+    <p>:v1:blob:<alg>:<hex>                  hash  size, mt          EX blob_ttl
+    <p>:v1:tag:<upstream>:<repo>:<tag>       hash  digest, mt, size, at   EX tag_retention
+    <p>:v1:link:<upstream>:<repo>:<alg>:<hex>  "1"                   EX link_ttl
+
+Repository and upstream names are validated by the spec's grammar (no ``:``), so keys
+cannot collide. Every look-up is one round trip (HGETALL, or one pipeline); every write is
+one MULTI/EXEC transaction that sets the value and its TTL together; every key has a
+TTL, so nothing grows without bound.
+
+The layer is advisory. A Redis error is counted, logged at most once per interval, and
+reported to the caller as a miss (look-ups) or ignored (writes). After
+``BREAKER_FAILURES`` consecutive errors the breaker opens: Redis is skipped entirely for
+``BREAKER_COOLDOWN`` seconds, so a dead Redis adds no latency; then one request probes it
+(half-open) and a success closes the breaker again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy import metrics
+from proxy.errors import BlobUnknown, RegistryError
+from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
+from proxy.model import Descriptor, Digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEY_VERSION = "v1"
+DEFAULT_PREFIX = "rp"
+DEFAULT_SOCKET_TIMEOUT = 0.25
+BLOB_TTL = 30 * 86400
+LINK_TTL = 30 * 86400
+DEFAULT_TAG_RETENTION = 8 * 86400
+BREAKER_FAILURES = 3
+BREAKER_COOLDOWN = 5.0
+LOG_INTERVAL = 30.0
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+
+
+def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Redis:
+    """A client with short timeouts and no retries of its own: the breaker decides."""
+    return aioredis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        max_connections=64,
+    )
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker with a cool-down and a half-open probe."""
+
+    def __init__(
+        self,
+        *,
+        failures: int = BREAKER_FAILURES,
+        cooldown: float = BREAKER_COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._opened_at = 0.0
+        self.state = CLOSED
+        metrics.REDIS_BREAKER_STATE.set(CLOSED)
+
+    def allow(self) -> bool:
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and self._clock() - self._opened_at >= self._cooldown:
+            self._set(HALF_OPEN)
+            return True  # this caller probes; others keep skipping until it reports
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        if self.state != CLOSED:
+            log.info("redis is reachable again; using it")
+            self._set(CLOSED)
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self.state == HALF_OPEN or self._failures >= self._threshold:
+            if self.state != OPEN:
+                log.warning("redis breaker open: skipping redis for %.0fs", self._cooldown)
+            self._opened_at = self._clock()
+            self._set(OPEN)
+
+    def _set(self, state: int) -> None:
+        self.state = state
+        metrics.REDIS_BREAKER_STATE.set(state)
+
+
+class RedisLayer:
+    """The client, key prefix and breaker shared by the Redis-backed services."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        breaker: Breaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.prefix = f"{prefix}:{KEY_VERSION}"
+        self.breaker = breaker or Breaker(clock=clock)
+        self._clock = clock
+        self._last_log = -LOG_INTERVAL
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def run(self, op: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run ``call`` unless the breaker is open; None when skipped or failed."""
+        if not self.breaker.allow():
+            metrics.REDIS_OPERATIONS.labels(op, "skipped").inc()
+            return None
+        started = time.perf_counter()
+        try:
+            result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            metrics.REDIS_OPERATIONS.labels(op, "error").inc()
+            now = self._clock()
+            if now - self._last_log >= LOG_INTERVAL:
+                self._last_log = now
+                log.warning("redis %s failed (%s); going on without it", op, type(exc).__name__)
+            return None
+        self.breaker.success()
+        metrics.REDIS_OPERATIONS.labels(op, "ok").inc()
+        metrics.REDIS_SECONDS.labels(op).observe(time.perf_counter() - started)
+        return result
+
+    async def ping(self) -> bool:
+        return bool(await self.run("ping", self.client.ping))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisDescriptorCache(BlobDescriptorService):
+    def __init__(self, layer: RedisLayer, *, ttl: int = BLOB_TTL) -> None:
+        self._layer = layer
+        self._ttl = ttl
+
+    def _key(self, digest: Digest) -> str:
+        return self._layer.key("blob", digest.algorithm, digest.hex)
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        fields = await self._layer.run("get", lambda: self._layer.client.hgetall(self._key(digest)))
+        if not fields:
+            raise BlobUnknown(f"blob {digest} is not in redis")
+        try:
+            return Descriptor(digest, int(fields[b"size"]), _text(fields[b"mt"]))
+        except (KeyError, ValueError):
+            raise BlobUnknown(f"blob {digest} has an unreadable redis entry") from None
+
+    async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
+        key = self._key(digest)
+
+        async def write() -> None:
+            async with self._layer.client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"size": descriptor.size, "mt": descriptor.media_type})
+                pipe.expire(key, self._ttl)
+                await pipe.execute()
+
+        await self._layer.run("set", write)
+
+    async def clear(self, digest: Digest) -> None:
+        await self._layer.run("clear", lambda: self._layer.client.delete(self._key(digest)))
+
+
+class RedisTagStore(TagService):
+    def __init__(self, layer: RedisLayer, *, retention: int = DEFAULT_TAG_RETENTION) -> None:
+        self._layer = layer
+        self._retention = retention
+
+    async def get(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
+        key = self._layer.key("tag", upstream, repo, tag)
+        fields = await self._layer.run("get", lambda: self._layer.client.hgetall(key))
+        if not fields:
+            return None
+        try:
+            return TagEntry(
+                Digest.parse(_text(fields[b"digest"])),
+                _text(fields[b"mt"]),
+                int(fields[b"size"]),
+                float(fields[b"at"]),
+            )
+        except (KeyError, ValueError, RegistryError):
+            return None  # unreadable entry: a miss; the next set overwrites it
+
+    async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
+        key = self._layer.key("tag", upstream, repo, tag)
+        async def write() -> None:
+            async with self._layer.client.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    key,
+                    mapping={
+                        "digest": str(entry.digest),
+                        "mt": entry.media_type,
+                        "size": entry.size,
+                        "at": repr(entry.fetched_at),
+                    },
+                )
+                pipe.expire(key, self._retention)
+                await pipe.execute()
+
+        await self._layer.run("set", write)
+
+
+class RedisLinkStore(LinkService):
+    def __init__(self, layer: RedisLayer, *, ttl: int = LINK_TTL) -> None:
+        self._layer = layer
+        self._ttl = ttl
+
+    def _key(self, upstream: str, repo: str, digest: Digest) -> str:
+        return self._layer.key("link", upstream, repo, digest.algorithm, digest.hex)
+
+    async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
+        key = self._key(upstream, repo, digest)
+        found = await self._layer.run("get", lambda: self._layer.client.exists(key))
+        return bool(found)
+
+    async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        if not digests:
+            return
+
+        async def write() -> None:
+            async with self._layer.client.pipeline(transaction=True) as pipe:
+                for digest in digests:
+                    pipe.set(self._key(upstream, repo, digest), b"1", ex=self._ttl)
+                await pipe.execute()
+
+        await self._layer.run("set", write)
