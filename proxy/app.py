@@ -40,4 +40,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v2/{tail:.+}", handlers.dispatch)
     app.router.add_get("/metrics", handlers.metrics_endpoint)
     app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
     return app

@@ -92,6 +92,27 @@ REDIS_BREAKER_STATE = Gauge(
     "Redis circuit breaker: 0 closed (in use), 1 open (skipped), 2 half-open (probing)",
 )
 
+UPSTREAM_UP = Gauge(
+    PREFIX + "upstream_up",
+    "1 while the upstream's breaker is closed, 0 while it is open or probing",
+    ["upstream"],
+)
+UPSTREAM_RATELIMIT_REMAINING = Gauge(
+    PREFIX + "upstream_ratelimit_remaining",
+    "Latest ratelimit-remaining the upstream reported (pulls left in its window)",
+    ["upstream"],
+)
+UPSTREAM_RATELIMIT_LIMIT = Gauge(
+    PREFIX + "upstream_ratelimit_limit",
+    "Latest ratelimit-limit the upstream reported",
+    ["upstream"],
+)
+UPSTREAM_RETRIES = Counter(
+    PREFIX + "upstream_retries_total",
+    "Upstream requests retried after a connection error or 5xx, and blob fetches resumed",
+    ["upstream", "kind"],
+)
+
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"

@@ -27,6 +27,11 @@ DEFAULT_TAG_TTL = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MEMORY_ENTRIES = 100_000
+DEFAULT_MAX_STALE = 7 * 86400.0
+DEFAULT_RATELIMIT_FLOOR = 10
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_COOLDOWN = 30.0
+DEFAULT_RETRIES = 2
 DEFAULT_LOG_LEVEL = "info"
 ENV_PREFIX = "REGISTRY_PROXY_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -90,6 +95,12 @@ class UpstreamSettings:
     password_file: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_stale: float = DEFAULT_MAX_STALE
+    stale_on_404: bool = False
+    ratelimit_floor: int = DEFAULT_RATELIMIT_FLOOR
+    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
+    cooldown: float = DEFAULT_COOLDOWN
+    retries: int = DEFAULT_RETRIES
 
     @property
     def host(self) -> str:
@@ -109,6 +120,12 @@ class UpstreamSettings:
             "tag_ttl": self.tag_ttl,
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
+            "max_stale": self.max_stale,
+            "stale_on_404": self.stale_on_404,
+            "ratelimit_floor": self.ratelimit_floor,
+            "failure_threshold": self.failure_threshold,
+            "cooldown": self.cooldown,
+            "retries": self.retries,
         }
         if self.username is not None:
             out["username"] = self.username
@@ -252,6 +269,12 @@ _UPSTREAM_KEYS = {
     "password_file",
     "connect_timeout",
     "read_timeout",
+    "max_stale",
+    "stale_on_404",
+    "ratelimit_floor",
+    "failure_threshold",
+    "cooldown",
+    "retries",
 }
 
 
@@ -358,9 +381,7 @@ def _parse_upstream(item: object, key: str, env: Mapping[str, str]) -> UpstreamS
     aliases = item.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{key}.aliases", "expected a list of host names")
-    default = item.get("default", False)
-    if not isinstance(default, bool):
-        raise ConfigError(f"{key}.default", "expected true or false")
+    default = _bool(item, "default", False, key)
     username = item.get("username")
     if username is not None and not isinstance(username, str):
         raise ConfigError(f"{key}.username", "expected a string")
@@ -383,7 +404,29 @@ def _parse_upstream(item: object, key: str, env: Mapping[str, str]) -> UpstreamS
         read_timeout=parse_duration(
             item.get("read_timeout", DEFAULT_READ_TIMEOUT), f"{key}.read_timeout"
         ),
+        max_stale=parse_duration(item.get("max_stale", DEFAULT_MAX_STALE), f"{key}.max_stale"),
+        stale_on_404=_bool(item, "stale_on_404", False, key),
+        ratelimit_floor=_int(item, "ratelimit_floor", DEFAULT_RATELIMIT_FLOOR, key, minimum=0),
+        failure_threshold=_int(
+            item, "failure_threshold", DEFAULT_FAILURE_THRESHOLD, key, minimum=1
+        ),
+        cooldown=parse_duration(item.get("cooldown", DEFAULT_COOLDOWN), f"{key}.cooldown"),
+        retries=_int(item, "retries", DEFAULT_RETRIES, key, minimum=0),
     )
+
+
+def _bool(item: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
+    value = item.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}.{name}", "expected true or false")
+    return value
+
+
+def _int(item: Mapping[str, Any], name: str, default: int, key: str, *, minimum: int) -> int:
+    value = item.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}.{name}", f"expected an integer >= {minimum}")
+    return value
 
 
 def _read_password(item: Mapping[str, Any], key: str, env: Mapping[str, str]) -> str | None:

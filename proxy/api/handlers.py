@@ -21,6 +21,7 @@ from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY
 from proxy.errors import RegistryError, RouteUnknown, Unsupported
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
 from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
+from proxy.pullthrough.manifests import STALE
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
 from proxy.routing import Route, Router
 
@@ -43,6 +44,9 @@ def parse_target(tail: str) -> Target:
     """Split ``<name>/manifests/<ref>``, ``<name>/blobs/<digest>``, ``<name>/tags/list``."""
     if tail.endswith("/tags/list"):
         return Target("tags", tail[: -len("/tags/list")], "")
+    name, found, reference = tail.rpartition("/referrers/")
+    if found and name and reference and "/" not in reference:
+        return Target("referrers", name, reference)
     if "/blobs/uploads" in tail:
         raise Unsupported("this is a pull-through cache: pushing is not supported")
     for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob")):
@@ -71,6 +75,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         response = await manifest(request, route, services, Reference.parse(target.reference))
     elif target.kind == "blob":
         response = await blob(request, route, services, Digest.parse(target.reference))
+    elif target.kind == "referrers":
+        digest = Digest.parse(target.reference)
+        response = await referrers(request, route, services, digest, target.name)
     else:
         response = await tags_list(request, route, services, target.name)
     if route.namespace is not None and not response.prepared:
@@ -88,6 +95,8 @@ async def manifest(
         "ETag": f'"{stored.digest}"',
         CACHE_HEADER: result.outcome.upper(),
     }
+    if result.outcome == STALE:
+        headers["Warning"] = '110 - "Response is Stale"'
     if _not_modified(request, stored.digest):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = stored.media_type
@@ -163,12 +172,19 @@ async def tags_list(
     params = {k: v for k, v in request.query.items() if k in ("n", "last")}
     if not params.get("n", "0").isdigit():
         del params["n"]
-    relayed = await services.client.tags_list(route.repo, params)
-    headers = {"Content-Type": relayed.headers.get("Content-Type", "application/json")}
-    link = relayed.headers.get("Link")
+    key = (route.repo, params.get("n"), params.get("last"))
+    relayed = await services.tag_lists.get(
+        key, lambda: services.client.tags_list(route.repo, params)
+    )
+    answer = relayed.answer
+    headers = {
+        "Content-Type": answer.headers.get("Content-Type", "application/json"),
+        CACHE_HEADER: relayed.outcome.upper(),
+    }
+    link = answer.headers.get("Link")
     if link:
-        headers["Link"] = _rewrite_link(link, client_name, route.namespace)
-    body = relayed.body
+        headers["Link"] = _rewrite_link(link, "tags/list", client_name, route.namespace)
+    body = answer.body
     try:
         data = json.loads(body)
         if isinstance(data, dict) and data.get("name") == route.repo:
@@ -179,14 +195,37 @@ async def tags_list(
     return web.Response(body=body, headers=headers)
 
 
-def _rewrite_link(link: str, client_name: str, namespace: str | None) -> str:
-    """Point the upstream's ``Link: </v2/<repo>/tags/list?...>; rel="next"`` at us."""
+async def referrers(
+    request: web.Request,
+    route: Route,
+    services: UpstreamServices,
+    digest: Digest,
+    client_name: str,
+) -> web.Response:
+    """The referrers index, relayed and cached; an upstream 404 is passed through so
+    clients fall back to the tag schema."""
+    params = {k: v for k, v in request.query.items() if k == "artifactType"}
+    key = (route.repo, str(digest), params.get("artifactType"))
+    relayed = await services.referrers.get(
+        key, lambda: services.client.referrers(route.repo, digest, params)
+    )
+    answer = relayed.answer
+    headers = {k: v for k, v in answer.headers.items() if k != "Link"}
+    headers[CACHE_HEADER] = relayed.outcome.upper()
+    link = answer.headers.get("Link")
+    if link:
+        headers["Link"] = _rewrite_link(link, f"referrers/{digest}", client_name, route.namespace)
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+def _rewrite_link(link: str, endpoint: str, client_name: str, namespace: str | None) -> str:
+    """Point the upstream's ``Link: </v2/<repo>/<endpoint>?...>; rel="next"`` at us."""
     target, _, rest = link.partition(";")
     url = target.strip().strip("<>")
-    query = [(k, v) for k, v in parse_qsl(urlsplit(url).query) if k in ("n", "last")]
+    query = [(k, v) for k, v in parse_qsl(urlsplit(url).query) if k != "ns"]
     if namespace is not None:
         query.append(("ns", namespace))
-    return f"</v2/{client_name}/tags/list?{urlencode(query)}>;{rest}"
+    return f"</v2/{client_name}/{endpoint}?{urlencode(query)}>;{rest}"
 
 
 def _not_modified(request: web.Request, digest: Digest) -> bool:
@@ -207,3 +246,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     request[ROUTE_KEY] = "health"
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    request[ROUTE_KEY] = "health"
+    ready, report = await request.app[REGISTRY_KEY].readiness()
+    return web.json_response(
+        {"status": "ready" if ready else "unready", **report}, status=200 if ready else 503
+    )

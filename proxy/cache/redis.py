@@ -216,6 +216,7 @@ class RedisTagStore(TagService):
 
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         key = self._layer.key("tag", upstream, repo, tag)
+
         async def write() -> None:
             async with self._layer.client.pipeline(transaction=True) as pipe:
                 pipe.hset(

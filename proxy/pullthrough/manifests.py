@@ -10,6 +10,12 @@ a new digest is fetched by digest. If the upstream cannot answer (unreachable, 5
 429) the cached mapping is served stale, counted and marked; with nothing cached the
 real error goes to the client.
 
+Policy when the upstream is not well: a tag whose revalidation fails (unreachable,
+breaker open, 5xx, 429) is served stale up to ``max_stale`` past its TTL; one the upstream
+no longer has (404) only with ``stale_on_404``. While the upstream's pull budget is under
+its floor, tags are served from cache without revalidation and cold manifests are refused
+with 429.
+
 A cached manifest is served only when the client's Accept admits its media type;
 otherwise the upstream is asked with the client's Accept. Concurrent misses for one
 (repository, reference, Accept) share one upstream request.
@@ -23,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import metrics
-from proxy.errors import NotAcceptable, TooManyRequests, UpstreamError
+from proxy.errors import ManifestUnknown, NotAcceptable, TooManyRequests, UpstreamError
 from proxy.interfaces import LinkService, TagEntry, TagService
 from proxy.model import Digest, Reference, accepts, references
 from proxy.pullthrough.coalesce import Coalescer
@@ -87,6 +93,7 @@ class ProxyManifestService:
             raise NotAcceptable(
                 f"manifest {digest} is {local.media_type}, which the Accept header refuses"
             )
+        self._upstream.health.refuse_cold_pull()
         key = ("digest", repo, str(digest))
         manifest = await self._coalescer.run(key, lambda: self._fetch(repo, str(digest), accept))
         return ManifestResult(manifest, MISS)
@@ -97,23 +104,36 @@ class ProxyManifestService:
             local = await self._store.get(entry.digest)
             if local is not None:
                 age = self._clock() - entry.fetched_at
-                if age < self._settings.tag_ttl:
+                if age < self._settings.tag_ttl or self._upstream.health.budget_low():
                     return ManifestResult(local, HIT)
-                return await self._revalidate(repo, tag, accept, entry, local)
+                return await self._revalidate(repo, tag, accept, entry, local, age)
+        self._upstream.health.refuse_cold_pull()
         key = ("tag", repo, tag, _accept_key(accept))
         manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))
         return ManifestResult(manifest, MISS)
 
     async def _revalidate(
-        self, repo: str, tag: str, accept: str | None, entry: TagEntry, local: StoredManifest
+        self,
+        repo: str,
+        tag: str,
+        accept: str | None,
+        entry: TagEntry,
+        local: StoredManifest,
+        age: float,
     ) -> ManifestResult:
+        """HEAD the tag upstream; when that fails, serve the cached mapping stale if the
+        policy allows (within ``max_stale`` past the TTL; a 404 only with ``stale_on_404``)."""
         key = ("head", repo, tag, _accept_key(accept))
         try:
             head = await self._coalescer.run(key, lambda: self._head_tag(repo, tag, accept, entry))
-        except (UpstreamError, TooManyRequests) as exc:
+        except (UpstreamError, TooManyRequests, ManifestUnknown) as exc:
+            within = age - self._settings.tag_ttl <= self._settings.max_stale
+            if not within or (isinstance(exc, ManifestUnknown) and not self._settings.stale_on_404):
+                raise
             metrics.STALE_SERVES.labels(self._settings.name).inc()
             log.warning(
-                "serving stale tag: upstream failed to revalidate: %s",
+                "serving stale tag (%.0fs old): upstream could not revalidate it: %s",
+                age,
                 exc.message,
                 extra={"upstream": self._settings.name, "repo": repo, "tag": tag},
             )

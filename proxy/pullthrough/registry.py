@@ -11,6 +11,9 @@ with each layer wrapped in ``instrumented(<layer>)``. Per request it is complete
       -> RepositoryScopedStatter(links)            only digests linked to this repository
         -> CachedBlobStatter(shared, UpstreamBlobStatter(repo))   HEAD upstream on a miss
 
+Tags and links: an in-memory L1 before an L2 that is Redis when configured, else a
+SQLite file in the cache directory.
+
 Blob bytes and manifests are shared by every upstream (content-addressed); tag mappings
 and links are keyed by upstream name, so one repository name on two upstreams never
 collides.
@@ -18,6 +21,7 @@ collides.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +41,12 @@ from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, LinkSe
 from proxy.pullthrough.blobs import ProxyBlobStore
 from proxy.pullthrough.inflight import InflightBlobFetches
 from proxy.pullthrough.manifests import ProxyManifestService
+from proxy.pullthrough.relays import RelayCache
 from proxy.pullthrough.scoped import RepositoryScopedStatter, UpstreamBlobStatter
 from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.manifests import ManifestStore
+from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
 
 
@@ -77,6 +83,8 @@ class UpstreamServices:
     settings: UpstreamSettings
     client: UpstreamClient
     manifests: ProxyManifestService
+    tag_lists: RelayCache
+    referrers: RelayCache
 
 
 class PullThroughRegistry:
@@ -93,34 +101,61 @@ class PullThroughRegistry:
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
         self.manifest_store = ManifestStore(self.store)
         ttls = {up.name: up.tag_ttl for up in settings.upstreams}
-        self.tags: TagService = MemoryTagStore(entries)
-        self.links: LinkService = MemoryLinkStore(entries * 4)
+        # L2 for tags and links: Redis when configured (shared by replicas), else the
+        # SQLite file beside the blobs (survives restarts on the embedded defaults).
+        self.state: SqliteState | None = None
+        tags_l2: TagService
+        links_l2: LinkService
         if self.redis is not None:
-            self.tags = TieredTagStore(
-                self.tags, RedisTagStore(self.redis), lambda name: ttls.get(name, 0.0)
-            )
-            self.links = TieredLinkStore(self.links, RedisLinkStore(self.redis))
+            tags_l2, links_l2 = RedisTagStore(self.redis), RedisLinkStore(self.redis)
+        else:
+            self.state = tags_l2 = links_l2 = SqliteState(settings.cache_dir)
+        self.tags: TagService = TieredTagStore(
+            MemoryTagStore(entries), tags_l2, lambda name: ttls.get(name, 0.0)
+        )
+        self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
         self.upstreams: dict[str, UpstreamServices] = {}
 
     async def open(self) -> None:
         """Create directories, remove leftover temp files, open one session per upstream."""
         self.store.open_store()
+        if self.state is not None:
+            await asyncio.to_thread(self.state.open)
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
             manifests = ProxyManifestService(
                 up, client, self.manifest_store, self.tags, self.links, clock=time.time
             )
-            self.upstreams[up.name] = UpstreamServices(up, client, manifests)
+            self.upstreams[up.name] = UpstreamServices(
+                up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
+            )
 
     async def close(self) -> None:
         await self.inflight.close()
         for services in self.upstreams.values():
             await services.manifests.close()
+            await services.tag_lists.close()
+            await services.referrers.close()
             await services.client.close()
         self.upstreams.clear()
         if self.redis is not None:
             await self.redis.close()
+        if self.state is not None:
+            await asyncio.to_thread(self.state.close)
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready means the cache can be served: its directory is writable. Upstream and
+        Redis states are reported; neither makes the proxy unready, since it serves its
+        cache without them."""
+        writable = await asyncio.to_thread(self.store.writable)
+        report: dict[str, object] = {
+            "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
+            "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
+        }
+        if self.redis is not None:
+            report["redis"] = {"reachable": await self.redis.ping()}
+        return writable, report
 
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]

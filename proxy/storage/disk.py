@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from proxy import metrics
@@ -54,6 +55,16 @@ class DiskBlobStore(BlobStore):
                 continue
         if removed:
             log.info("removed %d leftover temp files", removed, extra={"dir": str(self._tmp)})
+
+    def writable(self) -> bool:
+        """Whether a temp file can be created (readiness check). Blocking."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self._tmp, suffix=PART_SUFFIX)
+        except OSError:
+            return False
+        os.close(fd)
+        os.unlink(name)
+        return True
 
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex

@@ -11,7 +11,9 @@ is ``Denied``. A 404 is left to the caller, which knows what was unknown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -39,6 +41,7 @@ from proxy.interfaces import UpstreamBlob
 from proxy.model import MANIFEST_MEDIA_TYPES, Digest, sniff_media_type
 from proxy.settings import UpstreamSettings
 from proxy.upstream.auth import UpstreamAuth
+from proxy.upstream.health import UpstreamHealth
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_TAGS_LIST_SIZE = 16 << 20
 BLOB_CHUNK = 1 << 20
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRY_BASE_DELAY = 0.05
+MAX_EXTRA_RESUMES = 3
 DEFAULT_MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 
 
@@ -75,32 +80,80 @@ class PassThrough:
 
 
 class AiohttpUpstreamBlob(UpstreamBlob):
-    def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
+    """An upstream blob body that resumes itself when the connection is cut.
+
+    On a cut-off the remaining bytes are asked for with ``Range: bytes=<received>-``; an
+    upstream that answers 206 continues where it stopped, one that answers 200 sends the
+    whole blob again and the bytes already received are skipped. The caller sees one
+    uninterrupted stream and hashes it whole.
+    """
+
+    def __init__(
+        self, client: UpstreamClient, repo: str, digest: Digest, response: aiohttp.ClientResponse
+    ) -> None:
+        self._client = client
+        self._repo = repo
+        self._digest = digest
         self._response = response
-        self._upstream = upstream
 
     @property
     def size(self) -> int | None:
         return self._response.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        counter = metrics.UPSTREAM_BYTES.labels(self._upstream)
+        counter = metrics.UPSTREAM_BYTES.labels(self._client.name)
+        received = 0
+        resumes = 0
+        response = self._response
+        extra: list[aiohttp.ClientResponse] = []
         try:
-            async for chunk in self._response.content.iter_chunked(BLOB_CHUNK):
-                counter.inc(len(chunk))
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"upstream blob body cut off: {exc!r}") from exc
+            while True:
+                try:
+                    async for chunk in response.content.iter_chunked(BLOB_CHUNK):
+                        received += len(chunk)
+                        counter.inc(len(chunk))
+                        yield chunk
+                    return
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    if resumes >= self._client.settings.retries + MAX_EXTRA_RESUMES:
+                        self._client.health.failure(f"body cut off: {type(exc).__name__}")
+                        raise UpstreamUnavailable(
+                            f"upstream blob body cut off after {received} bytes"
+                        ) from exc
+                    resumes += 1
+                    metrics.UPSTREAM_RETRIES.labels(self._client.name, "resume").inc()
+                    log.info(
+                        "blob body cut off after %d bytes; resuming",
+                        received,
+                        extra={"digest": str(self._digest), "upstream": self._client.name},
+                    )
+                    response = await self._client.resume_blob(self._repo, self._digest, received)
+                    extra.append(response)
+        finally:
+            for r in extra:
+                r.release()
 
 
 class UpstreamClient:
-    def __init__(self, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        *,
+        health: UpstreamHealth | None = None,
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self._base = settings.url
         self._origin = _origin(settings.url)
         self._session = session
         self._auth = UpstreamAuth(session, settings.username, settings.password)
+        self.health = health or UpstreamHealth(
+            settings.name,
+            failures=settings.failure_threshold,
+            cooldown=settings.cooldown,
+            budget_floor=settings.ratelimit_floor,
+        )
 
     @classmethod
     def create(cls, settings: UpstreamSettings) -> UpstreamClient:
@@ -128,40 +181,98 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        url = self._base + path
-        base_headers = dict(headers or {})
-        started = time.monotonic()
-        status = "error"
-        resp: aiohttp.ClientResponse | None = None
+        resp = await self._exchange(method, path, repo, headers, params)
         try:
-            auth = await self._auth.header(repo)
-            resp = await self._request(method, url, base_headers, auth, params)
-            if resp.status == 401:
-                challenge = resp.headers.get("WWW-Authenticate")
-                resp.release()
-                retry_auth = await self._auth.on_challenge(challenge, repo)
-                if retry_auth is not None:
-                    resp = await self._request(method, url, base_headers, retry_auth, params)
-                    auth = retry_auth
-                else:
-                    resp = await self._request(method, url, base_headers, None, params)
-            if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
-                target = urljoin(url, resp.headers["Location"])
-                resp.release()
-                same = _origin(target) == self._origin
-                resp = await self._request(method, target, base_headers, auth if same else None)
-            status = metrics.status_class(resp.status)
-            metrics.UPSTREAM_SECONDS.labels(self.name, method).observe(time.monotonic() - started)
-            _raise_for_common(resp)
             yield resp
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(
-                f"upstream {self.name} unreachable: {type(exc).__name__}"
+                f"upstream {self.name} failed mid-response: {type(exc).__name__}"
             ) from exc
         finally:
-            metrics.UPSTREAM_REQUESTS.labels(self.name, method, status).inc()
-            if resp is not None:
+            resp.release()
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        repo: str | None,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
+        """Response headers for one request: breaker check, auth, retries, typed errors.
+
+        GET and HEAD are idempotent: connection errors, timeouts and 5xx are retried with
+        jittered exponential backoff, ``settings.retries`` times. A request that still
+        fails counts once against the upstream's health.
+        """
+        self.health.check()
+        url = self._base + path
+        base_headers = dict(headers or {})
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                resp = await self._attempt(method, url, base_headers, repo, params)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                metrics.UPSTREAM_REQUESTS.labels(self.name, method, "error").inc()
+                reason = type(exc).__name__
+                if attempt < self.settings.retries:
+                    attempt += 1
+                    await self._backoff(attempt)
+                    continue
+                self.health.failure(reason)
+                raise UpstreamUnavailable(
+                    f"upstream {self.name} unreachable: {reason}",
+                    headers={"Retry-After": "1"},
+                ) from exc
+            metrics.UPSTREAM_REQUESTS.labels(
+                self.name, method, metrics.status_class(resp.status)
+            ).inc()
+            metrics.UPSTREAM_SECONDS.labels(self.name, method).observe(time.monotonic() - started)
+            self.health.observe(resp.headers)
+            if resp.status >= 500:
                 resp.release()
+                if attempt < self.settings.retries:
+                    attempt += 1
+                    await self._backoff(attempt)
+                    continue
+                self.health.failure(f"HTTP {resp.status}")
+                raise UpstreamError(f"upstream {self.name} answered {resp.status}")
+            self.health.success()
+            try:
+                _raise_for_common(resp)
+            except RegistryError:
+                resp.release()
+                raise
+            return resp
+
+    async def _backoff(self, attempt: int) -> None:
+        metrics.UPSTREAM_RETRIES.labels(self.name, "request").inc()
+        await asyncio.sleep(RETRY_BASE_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        repo: str | None,
+        params: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
+        """One exchange: authenticate (once more after a 401 challenge), follow one redirect
+        hop by hand so the registry's credentials never reach another origin."""
+        auth = await self._auth.header(repo)
+        resp = await self._request(method, url, headers, auth, params)
+        if resp.status == 401:
+            challenge = resp.headers.get("WWW-Authenticate")
+            resp.release()
+            auth = await self._auth.on_challenge(challenge, repo)
+            resp = await self._request(method, url, headers, auth, params)
+        if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+            target = urljoin(url, resp.headers["Location"])
+            resp.release()
+            same = _origin(target) == self._origin
+            resp = await self._request(method, target, headers, auth if same else None)
+        return resp
 
     async def _request(
         self,
@@ -173,8 +284,8 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         if auth is not None:
             headers = {**headers, "Authorization": auth}
-        # Redirects are followed by _send itself (one hop, credentials only to our origin);
-        # a redirect target may redirect again, without our credentials.
+        # Same-origin redirects are followed by _attempt (credentials kept); a redirect
+        # target elsewhere may redirect again, and gets no credentials of ours.
         same = _origin(url) == self._origin
         return await self._session.request(
             method, url, headers=headers, params=params, allow_redirects=not same
@@ -238,7 +349,25 @@ class UpstreamClient:
                 raise BlobUnknown(f"blob {digest} is unknown to {self.name}/{repo}")
             if resp.status != 200:
                 raise UpstreamError(f"upstream answered {resp.status} for blob GET")
-            yield AiohttpUpstreamBlob(resp, self.name)
+            yield AiohttpUpstreamBlob(self, repo, digest, resp)
+
+    async def resume_blob(self, repo: str, digest: Digest, offset: int) -> aiohttp.ClientResponse:
+        """A response whose body continues the blob at ``offset`` (206, or 200 skipped)."""
+        headers = {"Range": f"bytes={offset}-"}
+        resp = await self._exchange("GET", f"/v2/{repo}/blobs/{digest}", repo, headers, None)
+        try:
+            if resp.status == 206 and _range_start(resp.headers) == offset:
+                return resp
+            if resp.status == 200:
+                await resp.content.readexactly(offset)  # no range support: skip what we have
+                return resp
+            raise UpstreamError(f"upstream answered {resp.status} to a resumed blob fetch")
+        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            resp.release()
+            raise UpstreamUnavailable("resumed blob fetch failed") from exc
+        except BaseException:
+            resp.release()
+            raise
 
     async def tags_list(self, repo: str, params: Mapping[str, str]) -> PassThrough:
         async with self._send("GET", f"/v2/{repo}/tags/list", repo, params=params) as resp:
@@ -246,11 +375,29 @@ class UpstreamClient:
                 raise NameUnknown(f"repository {repo} is unknown to {self.name}")
             if resp.status != 200:
                 raise UpstreamError(f"upstream answered {resp.status} for tags/list")
-            body = await resp.content.read(MAX_TAGS_LIST_SIZE + 1)
-            if len(body) > MAX_TAGS_LIST_SIZE:
-                raise TooLarge("tags list too large")
-            headers = {k: resp.headers[k] for k in ("Content-Type", "Link") if k in resp.headers}
-            return PassThrough(resp.status, headers, body)
+            body = await _read_capped(resp, MAX_TAGS_LIST_SIZE)
+            return PassThrough(resp.status, _relayed_headers(resp), body)
+
+    async def referrers(self, repo: str, digest: Digest, params: Mapping[str, str]) -> PassThrough:
+        """The referrers index; a 404 (no referrers API upstream) is relayed, not raised."""
+        path = f"/v2/{repo}/referrers/{digest}"
+        async with self._send("GET", path, repo, params=params) as resp:
+            if resp.status not in (200, 404):
+                raise UpstreamError(f"upstream answered {resp.status} for referrers")
+            body = await _read_capped(resp, MAX_MANIFEST_SIZE)
+            return PassThrough(resp.status, _relayed_headers(resp), body)
+
+
+def _relayed_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    names = ("Content-Type", "Link", "OCI-Filters-Applied")
+    return {k: resp.headers[k] for k in names if k in resp.headers}
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = await resp.content.read(limit + 1)
+    if len(body) > limit:
+        raise TooLarge(f"upstream answer larger than {limit} bytes")
+    return body
 
 
 def _raise_for_common(resp: aiohttp.ClientResponse) -> None:
@@ -273,6 +420,14 @@ def _header_digest(headers: CIMultiDictProxy[str]) -> Digest | None:
         return Digest.parse(value.strip())
     except RegistryError:
         raise ManifestInvalid("upstream sent an invalid Docker-Content-Digest") from None
+
+
+def _range_start(headers: CIMultiDictProxy[str]) -> int | None:
+    value = headers.get("Content-Range", "")
+    if not value.startswith("bytes "):
+        return None
+    start, _, _ = value[6:].partition("-")
+    return int(start) if start.isdigit() else None
 
 
 def _origin(url: str) -> tuple[str, str]:
