@@ -88,7 +88,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 async def manifest(
     request: web.Request, route: Route, services: UpstreamServices, reference: Reference
 ) -> web.StreamResponse:
-    result = await services.manifests.get(route.repo, reference, request.headers.get("Accept"))
+    # Clients (skopeo, containerd) send one Accept line per media type: read them all.
+    accept = ", ".join(request.headers.getall("Accept", [])) or None
+    result = await services.manifests.get(route.repo, reference, accept)
     stored = result.manifest
     headers = {
         "Docker-Content-Digest": str(stored.digest),

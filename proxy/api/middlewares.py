@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
-ROUTE_KEY = "registry_proxy.route"
-ETAG_KEY = "registry_proxy.etag"
+ROUTE_KEY = web.RequestKey("route", str)
+ETAG_KEY = web.RequestKey("etag", str)
 
 
 def error_response(
