@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--redis", metavar="URL", help="Redis URL for the shared cache")
         cmd.add_argument("--tag-ttl", metavar="DURATION", help="tag TTL for every upstream")
         cmd.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
+        cmd.add_argument("--log-format", metavar="FORMAT", help="text (default) or json")
+        cmd.add_argument(
+            "--metrics-listen", metavar="HOST:PORT", help="also serve /metrics on this address"
+        )
     return parser
 
 
@@ -42,6 +46,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "redis": args.redis,
         "tag_ttl": args.tag_ttl,
         "log_level": args.log_level,
+        "log_format": args.log_format,
+        "metrics_listen": args.metrics_listen,
     }
     return load_settings(args.config, overrides=overrides)
 
@@ -60,21 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    from aiohttp import web
+    from proxy import logs
+    from proxy.app import run
 
-    from proxy.app import create_app
-
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    web.run_app(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        print=None,
-        access_log_format='%a "%r" %s %b %Tf "%{X-Cache}o"',
-    )
+    logs.configure(settings.log_level, settings.log_format)
+    asyncio.run(run(settings))
     return 0
 
 

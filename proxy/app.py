@@ -6,12 +6,16 @@ registry (disk store, upstream sessions, in-flight fetches).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.api import handlers
+from proxy.api.accesslog import AccessLogger
 from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
 from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.routing import Router
@@ -42,3 +46,36 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     return app
+
+
+def create_metrics_app() -> web.Application:
+    """/metrics (and /healthz) alone, for a separate scrape address."""
+    app = web.Application()
+    app.router.add_get("/metrics", handlers.metrics_endpoint)
+    app.router.add_get("/healthz", handlers.healthz)
+    return app
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then close listeners and resources in reverse."""
+    log = logging.getLogger("proxy")
+    runners: list[web.AppRunner] = []
+    sites = [(create_app(settings), settings.listen_host, settings.listen_port)]
+    if settings.metrics_listen is not None:
+        sites.append((create_metrics_app(), *settings.metrics_listen))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for app, host, port in sites:
+            runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, host, port).start()
+            log.info("listening on %s:%d", host, port)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()

@@ -55,6 +55,19 @@ INFLIGHT_FETCHES = Gauge(
     PREFIX + "inflight_fetches",
     "Upstream blob fetches in progress",
 )
+INFLIGHT_READERS = Gauge(
+    PREFIX + "inflight_readers",
+    "Client responses currently following a blob fetch in progress (the coalesced waiters "
+    "and the client that started it)",
+)
+DISK_BYTES = Gauge(
+    PREFIX + "disk_bytes",
+    "Bytes of committed content in the cache directory",
+)
+DISK_BLOBS = Gauge(
+    PREFIX + "disk_blobs",
+    "Committed blobs and manifests in the cache directory",
+)
 COALESCED = Counter(
     PREFIX + "coalesced_requests_total",
     "Requests that joined a fetch already in progress instead of starting one, by kind",

@@ -35,6 +35,8 @@ DEFAULT_RETRIES = 2
 DEFAULT_LOG_LEVEL = "info"
 ENV_PREFIX = "REGISTRY_PROXY_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -146,6 +148,8 @@ class Settings:
     redis_url: str | None = None
     memory_entries: int = DEFAULT_MEMORY_ENTRIES
     log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = DEFAULT_LOG_FORMAT
+    metrics_listen: tuple[str, int] | None = None
     upstreams: tuple[UpstreamSettings, ...] = ()
 
     @property
@@ -156,10 +160,11 @@ class Settings:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return {
-            "listen": f"{host}:{self.listen_port}",
+            "listen": _join_listen(self.listen_host, self.listen_port),
             "log_level": self.log_level,
+            "log_format": self.log_format,
+            "metrics_listen": _join_listen(*self.metrics_listen) if self.metrics_listen else None,
             "cache": {
                 "dir": str(self.cache_dir),
                 "redis": _redact_url(self.redis_url),
@@ -178,12 +183,15 @@ class Settings:
     ) -> Settings:
         """Build settings from a parsed YAML mapping, the environment and CLI overrides.
 
-        ``overrides`` keys: listen, upstream, cache_dir, redis, tag_ttl, log_level.
+        ``overrides`` keys: listen, metrics_listen, upstream, cache_dir, redis, tag_ttl,
+        log_level, log_format.
         ``environ`` supplies both the ``REGISTRY_PROXY_*`` overrides and ``password_env``
         look-ups (``os.environ`` when None).
         """
         env = os.environ if environ is None else environ
-        _check_keys(data, {"listen", "cache", "upstreams", "log_level"}, "")
+        _check_keys(
+            data, {"listen", "metrics_listen", "cache", "upstreams", "log_level", "log_format"}, ""
+        )
         flat: dict[str, Any] = {}
         cache = data.get("cache") or {}
         if not isinstance(cache, Mapping):
@@ -192,13 +200,15 @@ class Settings:
         for key, value in (
             ("listen", data.get("listen")),
             ("log_level", data.get("log_level")),
+            ("log_format", data.get("log_format")),
+            ("metrics_listen", data.get("metrics_listen")),
             ("cache_dir", cache.get("dir")),
             ("redis", cache.get("redis")),
             ("memory_entries", cache.get("memory_entries")),
         ):
             if value is not None:
                 flat[key] = (value, _FILE_KEYS[key])
-        for key in ("listen", "upstream", "cache_dir", "redis", "tag_ttl", "log_level"):
+        for key in _OVERRIDABLE:
             env_name = ENV_PREFIX + key.upper()
             if env.get(env_name):
                 flat[key] = (env[env_name], env_name)
@@ -212,6 +222,11 @@ class Settings:
         level = str(level_value).lower()
         if level not in LOG_LEVELS:
             raise ConfigError(level_key, f"expected one of {', '.join(LOG_LEVELS)}")
+        fmt_value, fmt_key = flat.get("log_format", (DEFAULT_LOG_FORMAT, "log_format"))
+        log_format = str(fmt_value).lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(fmt_key, f"expected one of {', '.join(LOG_FORMATS)}")
+        metrics_listen = parse_listen(*flat["metrics_listen"]) if "metrics_listen" in flat else None
         cache_dir_value, cache_dir_key = flat.get("cache_dir", (DEFAULT_CACHE_DIR, "cache.dir"))
         if not isinstance(cache_dir_value, str | Path) or not str(cache_dir_value):
             raise ConfigError(cache_dir_key, "expected a directory path")
@@ -245,13 +260,28 @@ class Settings:
             redis_url=redis_url,
             memory_entries=entries_value,
             log_level=level,
+            log_format=log_format,
+            metrics_listen=metrics_listen,
             upstreams=upstreams,
         )
 
 
+_OVERRIDABLE = (
+    "listen",
+    "metrics_listen",
+    "upstream",
+    "cache_dir",
+    "redis",
+    "tag_ttl",
+    "log_level",
+    "log_format",
+)
+
 _FILE_KEYS = {
     "listen": "listen",
+    "metrics_listen": "metrics_listen",
     "log_level": "log_level",
+    "log_format": "log_format",
     "cache_dir": "cache.dir",
     "redis": "cache.redis",
     "memory_entries": "cache.memory_entries",
@@ -298,6 +328,10 @@ def load_settings(
         if not isinstance(data, Mapping):
             raise ConfigError("--config", "the top level must be a mapping")
     return Settings.from_mapping(data, environ=environ, overrides=overrides)
+
+
+def _join_listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:

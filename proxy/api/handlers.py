@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
-from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY
+from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.errors import RegistryError, RouteUnknown, Unsupported
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
 from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
@@ -70,6 +70,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     request[ROUTE_KEY] = target.kind
     parse_name(target.name)
     route = request.app[ROUTER_KEY].route(target.name, request.query.get("ns"))
+    request[UPSTREAM_KEY] = route.upstream.name
     services = request.app[REGISTRY_KEY].services(route.upstream)
     if target.kind == "manifest":
         response = await manifest(request, route, services, Reference.parse(target.reference))

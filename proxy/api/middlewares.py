@@ -22,6 +22,7 @@ API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
 ROUTE_KEY = web.RequestKey("route", str)
 ETAG_KEY = web.RequestKey("etag", str)
+UPSTREAM_KEY = web.RequestKey("upstream", str)
 
 
 def error_response(

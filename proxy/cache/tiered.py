@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from proxy import metrics
 from proxy.interfaces import LinkService, TagEntry, TagService
 from proxy.model import Digest
 
@@ -26,10 +27,13 @@ class TieredTagStore(TagService):
         l2: TagService,
         ttl_of: Callable[[str], float],
         *,
+        l2_layer: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._l1 = l1
         self._l2 = l2
+        self._l2_hit = metrics.CACHE_LOOKUPS.labels("tag", l2_layer, "hit")
+        self._l2_miss = metrics.CACHE_LOOKUPS.labels("tag", l2_layer, "miss")
         self._ttl_of = ttl_of
         self._clock = clock
 
@@ -39,7 +43,9 @@ class TieredTagStore(TagService):
             return local
         shared = await self._l2.get(upstream, repo, tag)
         if shared is None:
+            self._l2_miss.inc()
             return local
+        self._l2_hit.inc()
         if local is None or shared.fetched_at > local.fetched_at:
             await self._l1.set(upstream, repo, tag, shared)
             return shared

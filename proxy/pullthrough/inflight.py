@@ -70,6 +70,7 @@ class BlobFetch:
         """
         fd = self._open()
         self.readers += 1
+        metrics.INFLIGHT_READERS.inc()
         try:
             while True:
                 finished = self.done.done()
@@ -91,6 +92,7 @@ class BlobFetch:
                 await self._progress.wait()
         finally:
             self.readers -= 1
+            metrics.INFLIGHT_READERS.dec()
             os.close(fd)
 
     def _open(self) -> int:

@@ -111,7 +111,10 @@ class PullThroughRegistry:
         else:
             self.state = tags_l2 = links_l2 = SqliteState(settings.cache_dir)
         self.tags: TagService = TieredTagStore(
-            MemoryTagStore(entries), tags_l2, lambda name: ttls.get(name, 0.0)
+            MemoryTagStore(entries),
+            tags_l2,
+            lambda name: ttls.get(name, 0.0),
+            l2_layer="disk" if self.redis is None else "redis",
         )
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
@@ -119,7 +122,7 @@ class PullThroughRegistry:
 
     async def open(self) -> None:
         """Create directories, remove leftover temp files, open one session per upstream."""
-        self.store.open_store()
+        await asyncio.to_thread(self.store.open_store)
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
         for up in self.settings.upstreams:

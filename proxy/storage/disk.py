@@ -41,7 +41,8 @@ class DiskBlobStore(BlobStore):
         self._tmp = root / TMP_DIR
 
     def open_store(self) -> None:
-        """Create the directories and remove temp files a previous run left behind."""
+        """Create the directories, remove temp files a previous run left behind, and count
+        what is stored. Blocking: run it in a thread."""
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         removed = 0
@@ -55,6 +56,15 @@ class DiskBlobStore(BlobStore):
                 continue
         if removed:
             log.info("removed %d leftover temp files", removed, extra={"dir": str(self._tmp)})
+        count = size = 0
+        for path in self._blobs.glob("*/*/*"):
+            try:
+                size += path.stat().st_size
+                count += 1
+            except FileNotFoundError:
+                continue
+        metrics.DISK_BYTES.set(size)
+        metrics.DISK_BLOBS.set(count)
 
     def writable(self) -> bool:
         """Whether a temp file can be created (readiness check). Blocking."""
@@ -159,8 +169,12 @@ class DiskBlobWriter(BlobWriter):
         self._fd = None
         final = self._store.path(expected.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
+        replaced = final.exists()
         os.rename(self._temp, final)
         self._committed = True
+        if not replaced:
+            metrics.DISK_BYTES.inc(self._written)
+            metrics.DISK_BLOBS.inc()
         return Descriptor(expected.digest, self._written, expected.media_type)
 
     async def commit(self, expected: Descriptor) -> Descriptor:

@@ -1,0 +1,43 @@
+"""One access-log line per request: what was asked, the cache outcome, upstream, bytes, time."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY
+
+log = logging.getLogger("proxy.access")
+
+
+def outcome(response: StreamResponse) -> str:
+    """hit, miss, coalesced, revalidated, stale (from X-Cache), denied, error or -."""
+    cache = response.headers.get("X-Cache")
+    if cache:
+        return cache.lower()
+    if response.status in (401, 403):
+        return "denied"
+    if response.status >= 500:
+        return "error"
+    return "-"
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            request.path_qs[:512],
+            response.status,
+            extra={
+                "remote": request.remote,
+                "route": request.get(ROUTE_KEY, "other"),
+                "status": response.status,
+                "cache": outcome(response),
+                "upstream": request.get(UPSTREAM_KEY, "-"),
+                "bytes": response.body_length,
+                "duration_ms": round(time * 1000, 3),
+            },
+        )
