@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
         cmd.add_argument("--cache-dir", metavar="DIR", help="local cache directory")
         cmd.add_argument("--redis", metavar="URL", help="Redis URL for the shared cache")
+        cmd.add_argument("--max-size", metavar="SIZE", help="evict beyond this size (20GiB)")
         cmd.add_argument("--tag-ttl", metavar="DURATION", help="tag TTL for every upstream")
         cmd.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
         cmd.add_argument("--log-format", metavar="FORMAT", help="text (default) or json")
@@ -44,6 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "upstream": args.upstream,
         "cache_dir": args.cache_dir,
         "redis": args.redis,
+        "max_size": args.max_size,
         "tag_ttl": args.tag_ttl,
         "log_level": args.log_level,
         "log_format": args.log_format,

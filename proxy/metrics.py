@@ -68,6 +68,14 @@ DISK_BLOBS = Gauge(
     PREFIX + "disk_blobs",
     "Committed blobs and manifests in the cache directory",
 )
+EVICTIONS = Counter(
+    PREFIX + "evictions_total",
+    "Blobs deleted from the disk cache to keep it under cache.max_size",
+)
+DISK_LIMIT_BYTES = Gauge(
+    PREFIX + "disk_limit_bytes",
+    "cache.max_size (0 when unbounded)",
+)
 COALESCED = Counter(
     PREFIX + "coalesced_requests_total",
     "Requests that joined a fetch already in progress instead of starting one, by kind",

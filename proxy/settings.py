@@ -40,6 +40,19 @@ DEFAULT_LOG_FORMAT = "text"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 
 
@@ -65,6 +78,22 @@ def parse_duration(value: object, key: str) -> float:
     if seconds < 0:
         raise ConfigError(key, "must not be negative")
     return seconds
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from ``1048576``, ``500MiB``, ``20GiB``, ``1TB``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size such as 500MiB or 20GiB, got {value!r}")
+    if isinstance(value, int) and value > 0:
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ConfigError(key, f"expected a size such as 500MiB or 20GiB, got {value!r}")
+    unit = m.group(2).lower() if m.group(2) else None
+    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(key, "must be positive")
+    return size
 
 
 def parse_listen(value: object, key: str) -> tuple[str, int]:
@@ -147,6 +176,7 @@ class Settings:
     cache_dir: Path = Path(DEFAULT_CACHE_DIR)
     redis_url: str | None = None
     memory_entries: int = DEFAULT_MEMORY_ENTRIES
+    max_size: int | None = None
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT
     metrics_listen: tuple[str, int] | None = None
@@ -169,6 +199,7 @@ class Settings:
                 "dir": str(self.cache_dir),
                 "redis": _redact_url(self.redis_url),
                 "memory_entries": self.memory_entries,
+                "max_size": self.max_size,
             },
             "upstreams": [u.to_dict() for u in self.upstreams],
         }
@@ -196,7 +227,7 @@ class Settings:
         cache = data.get("cache") or {}
         if not isinstance(cache, Mapping):
             raise ConfigError("cache", "expected a mapping")
-        _check_keys(cache, {"dir", "redis", "memory_entries"}, "cache.")
+        _check_keys(cache, {"dir", "redis", "memory_entries", "max_size"}, "cache.")
         for key, value in (
             ("listen", data.get("listen")),
             ("log_level", data.get("log_level")),
@@ -205,6 +236,7 @@ class Settings:
             ("cache_dir", cache.get("dir")),
             ("redis", cache.get("redis")),
             ("memory_entries", cache.get("memory_entries")),
+            ("max_size", cache.get("max_size")),
         ):
             if value is not None:
                 flat[key] = (value, _FILE_KEYS[key])
@@ -259,6 +291,7 @@ class Settings:
             cache_dir=Path(cache_dir_value),
             redis_url=redis_url,
             memory_entries=entries_value,
+            max_size=parse_size(*flat["max_size"]) if "max_size" in flat else None,
             log_level=level,
             log_format=log_format,
             metrics_listen=metrics_listen,
@@ -268,6 +301,7 @@ class Settings:
 
 _OVERRIDABLE = (
     "listen",
+    "max_size",
     "metrics_listen",
     "upstream",
     "cache_dir",
@@ -285,6 +319,7 @@ _FILE_KEYS = {
     "cache_dir": "cache.dir",
     "redis": "cache.redis",
     "memory_entries": "cache.memory_entries",
+    "max_size": "cache.max_size",
 }
 
 _UPSTREAM_KEYS = {

@@ -8,6 +8,7 @@ repository is not known to hold is confirmed with an upstream HEAD first.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from proxy.interfaces import BlobDescriptorService, LinkService
 from proxy.model import Descriptor, Digest
 from proxy.pullthrough.inflight import BlobFetch, InflightBlobFetches
 from proxy.storage.disk import DiskBlobStore
+from proxy.storage.eviction import touch
 from proxy.upstream.client import UpstreamClient
 
 
@@ -67,12 +69,14 @@ class ProxyBlobStore:
             linked = True
         if self._inflight.get(digest) is None:
             try:
-                descriptor = await self._store.stat(digest)
+                st = self._store.stat_file(digest)
             except BlobUnknown:
                 metrics.CACHE_LOOKUPS.labels("blob", "disk", "miss").inc()
             else:
                 metrics.CACHE_LOOKUPS.labels("blob", "disk", "hit").inc()
-                return LocalBlob(descriptor, self._store.path(digest))
+                path = self._store.path(digest)
+                touch(path, st.st_mtime, time.time())
+                return LocalBlob(Descriptor(digest, st.st_size), path)
         fetch, coalesced = self._inflight.join(
             digest, lambda: self._upstream.open_blob(self._repo, digest)
         )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy import metrics
 from proxy.cache.cached import CachedBlobStatter
 from proxy.cache.instrumented import instrumented
 from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore, MemoryTagStore
@@ -45,6 +46,7 @@ from proxy.pullthrough.relays import RelayCache
 from proxy.pullthrough.scoped import RepositoryScopedStatter, UpstreamBlobStatter
 from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
+from proxy.storage.eviction import Evictor
 from proxy.storage.manifests import ManifestStore
 from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
@@ -118,6 +120,11 @@ class PullThroughRegistry:
         )
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
+        self.evictor: Evictor | None = None
+        if settings.max_size is not None:
+            self.evictor = Evictor(self.store, settings.max_size, self.descriptors.clear)
+            self.store.on_commit = self.evictor.maybe_start
+        metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
 
     async def open(self) -> None:
@@ -125,6 +132,8 @@ class PullThroughRegistry:
         await asyncio.to_thread(self.store.open_store)
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
+        if self.evictor is not None:
+            self.evictor.maybe_start()
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
             manifests = ProxyManifestService(
@@ -135,6 +144,8 @@ class PullThroughRegistry:
             )
 
     async def close(self) -> None:
+        if self.evictor is not None:
+            await self.evictor.close()
         await self.inflight.close()
         for services in self.upstreams.values():
             await services.manifests.close()

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy import metrics
@@ -39,6 +40,9 @@ class DiskBlobStore(BlobStore):
         self.root = root
         self._blobs = root / BLOBS_DIR
         self._tmp = root / TMP_DIR
+        self.used_bytes = 0
+        self.on_commit: Callable[[], None] | None = None
+        """Called on the event loop after each commit (eviction hooks in here)."""
 
     def open_store(self) -> None:
         """Create the directories, remove temp files a previous run left behind, and count
@@ -63,8 +67,20 @@ class DiskBlobStore(BlobStore):
                 count += 1
             except FileNotFoundError:
                 continue
+        self.used_bytes = size
         metrics.DISK_BYTES.set(size)
         metrics.DISK_BLOBS.set(count)
+
+    def list_committed(self) -> list[tuple[Digest, float, int]]:
+        """(digest, mtime, size) of every committed blob. Blocking: run it in a thread."""
+        found = []
+        for path in self._blobs.glob("*/*/*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((Digest(path.parent.parent.name, path.name), st.st_mtime, st.st_size))
+        return found
 
     def writable(self) -> bool:
         """Whether a temp file can be created (readiness check). Blocking."""
@@ -79,12 +95,15 @@ class DiskBlobStore(BlobStore):
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
 
-    async def stat(self, digest: Digest) -> Descriptor:
+    def stat_file(self, digest: Digest) -> os.stat_result:
+        """The committed file's stat; raises BlobUnknown when it is absent."""
         try:
-            st = os.stat(self.path(digest))
+            return os.stat(self.path(digest))
         except FileNotFoundError:
             raise BlobUnknown(f"blob {digest} is not cached") from None
-        return Descriptor(digest, st.st_size)
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        return Descriptor(digest, self.stat_file(digest).st_size)
 
     async def read(self, digest: Digest, limit: int) -> bytes:
         def _read() -> bytes:
@@ -107,8 +126,22 @@ class DiskBlobStore(BlobStore):
         return DiskBlobWriter(self, digest, temp, fd)
 
     async def delete(self, digest: Digest) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.unlink, self.path(digest))
+        def _delete() -> int:
+            path = self.path(digest)
+            size = path.stat().st_size
+            path.unlink()
+            return size
+
+        try:
+            size = await asyncio.to_thread(_delete)
+        except FileNotFoundError:
+            return
+        self._added(-size, -1)
+
+    def _added(self, size: int, count: int = 1) -> None:
+        self.used_bytes += size
+        metrics.DISK_BYTES.set(self.used_bytes)
+        metrics.DISK_BLOBS.inc(count)
 
     async def put(self, digest: Digest, data: bytes) -> Descriptor:
         """Store a small blob held in memory (a manifest) with the same verify-then-rename."""
@@ -173,12 +206,14 @@ class DiskBlobWriter(BlobWriter):
         os.rename(self._temp, final)
         self._committed = True
         if not replaced:
-            metrics.DISK_BYTES.inc(self._written)
-            metrics.DISK_BLOBS.inc()
+            self._store._added(self._written)
         return Descriptor(expected.digest, self._written, expected.media_type)
 
     async def commit(self, expected: Descriptor) -> Descriptor:
-        return await asyncio.to_thread(self._commit_sync, expected)
+        descriptor = await asyncio.to_thread(self._commit_sync, expected)
+        if self._store.on_commit is not None:
+            self._store.on_commit()
+        return descriptor
 
     def _cancel_sync(self) -> None:
         if self._fd is not None:
