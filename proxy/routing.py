@@ -9,6 +9,9 @@ In order:
    that name on the default upstream.
 3. The default upstream, for bare ``/v2/<repo>/...`` (Docker's ``registry-mirrors``).
 
+containerd with ``override_path`` pointing at ``/v2/<upstream-name>`` sends both the prefix
+and ``ns``; when the prefix names the upstream that ``ns`` routes to, it is dropped.
+
 Docker Hub names are normalised: ``nginx`` is ``library/nginx``.
 """
 
@@ -45,6 +48,9 @@ class Router:
             upstream = self._by_ns.get(ns.lower())
             if upstream is None:
                 raise NameUnknown(f"namespace {ns[:255]!r} is not served by this proxy")
+            first, _, rest = name.partition("/")
+            if rest and first == upstream.name:
+                name = rest  # containerd with override_path to /v2/<upstream-name> sends both
             return Route(upstream, _normalise(upstream, name), ns)
         first, _, rest = name.partition("/")
         if rest and first in self._by_name:

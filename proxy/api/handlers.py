@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
-from proxy.api.middlewares import ETAG_KEY, ROUTE_KEY, UPSTREAM_KEY
+from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.errors import RegistryError, RouteUnknown, Unsupported
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
 from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
@@ -71,6 +71,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     parse_name(target.name)
     route = request.app[ROUTER_KEY].route(target.name, request.query.get("ns"))
     request[UPSTREAM_KEY] = route.upstream.name
+    if route.namespace is not None:
+        request[NAMESPACE_KEY] = route.namespace
     services = request.app[REGISTRY_KEY].services(route.upstream)
     if target.kind == "manifest":
         response = await manifest(request, route, services, Reference.parse(target.reference))
@@ -81,8 +83,6 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         response = await referrers(request, route, services, digest, target.name)
     else:
         response = await tags_list(request, route, services, target.name)
-    if route.namespace is not None and not response.prepared:
-        response.headers["OCI-Namespace"] = route.namespace
     return response
 
 

@@ -23,6 +23,7 @@ API_VERSION = "registry/2.0"
 ROUTE_KEY = web.RequestKey("route", str)
 ETAG_KEY = web.RequestKey("etag", str)
 UPSTREAM_KEY = web.RequestKey("upstream", str)
+NAMESPACE_KEY = web.RequestKey("namespace", str)
 
 
 def error_response(
@@ -79,6 +80,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, set last so that nothing overrides them."""
     response.headers[API_VERSION_HEADER] = API_VERSION
+    namespace = request.get(NAMESPACE_KEY)
+    if namespace is not None:
+        response.headers["OCI-Namespace"] = namespace
     etag = request.get(ETAG_KEY)
     if etag is not None:
         response.headers["ETag"] = etag

@@ -1,0 +1,216 @@
+"""Many upstreams behind one proxy: three real docker-registry upstreams and the proxy.
+
+- ``anon``: anonymous, with an alias host name (``ANON_ALIAS``), the default upstream.
+- ``basic``: htpasswd Basic auth; the proxy reads its password from ``password_env``.
+- ``tok``: token auth against this suite's :class:`TokenServer`; password in the config.
+
+Each registry sits behind its own counting :class:`PassThrough`, and the proxy is
+configured with the pass-through URLs, so an upstream's ``host`` (what containerd sends as
+``ns``) is the pass-through's ``127.0.0.1:PORT``. Images are pushed straight into the
+registries (with credentials where needed), never through the pass-throughs.
+
+Fixtures (import them into a test module by their function names, with ``noqa: F401``):
+``world`` (:class:`World`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import oci
+from .auth_rig import AuthRegistry, Credentials, TokenServer, htpasswd_auth
+from .rig import (
+    REGISTRY_BINARY,
+    LoopbackServer,
+    PassThrough,
+    ProxyUnderTest,
+    Registry,
+    binary_or_skip,
+)
+from .skopeo import Skopeo
+
+ANON_ALIAS = "anon.registry.test"
+BASIC_PASSWORD_ENV = "RP_TEST_BASIC_PASSWORD"
+
+
+@dataclass
+class Upstream:
+    """One real upstream as the proxy sees it (through its pass-through)."""
+
+    name: str
+    registry: Registry
+    passthrough: PassThrough
+    credentials: Credentials | None = None
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` of the pass-through: the upstream's URL host in the proxy's
+        settings, so also the ``ns`` that routes to it."""
+        return self.passthrough.host
+
+    @property
+    def url(self) -> str:
+        return self.passthrough.url
+
+    async def push(
+        self, skopeo: Skopeo, image: oci.OciImage | oci.OciIndex, repo: str, tag: str
+    ) -> None:
+        """Push an OCI layout straight into the registry, as it is (no format change)."""
+        args = ["copy", "--retry-times", "0", "--dest-tls-verify=false"]
+        if isinstance(image, oci.OciIndex):
+            args.append("--all")
+        if self.credentials is not None:
+            args += ["--dest-creds", self.credentials.colon]
+        await skopeo.run(*args, image.oci_ref, f"docker://{self.registry.host}/{repo}:{tag}")
+
+
+def upstream_entry(upstream: Upstream, **extra: Any) -> dict[str, Any]:
+    return {"name": upstream.name, "url": upstream.url, **extra}
+
+
+async def start_multi_proxy(
+    mapping: Mapping[str, Any], cache_dir: Path, environ: Mapping[str, str]
+) -> ProxyUnderTest:
+    """Serve ``create_app`` for a settings mapping with any number of upstreams.
+
+    ``environ`` is what ``password_env`` reads (never the test process's environment)."""
+    from proxy.app import create_app
+    from proxy.settings import Settings
+
+    settings = Settings.from_mapping(mapping, environ=environ)
+    server = LoopbackServer(create_app(settings))
+    await server.start()
+    return ProxyUnderTest(server=server, cache_dir=cache_dir, settings=settings)
+
+
+@dataclass
+class World:
+    anon: Upstream
+    basic: Upstream
+    tok: Upstream
+    token_server: TokenServer
+    workdir: Path
+    proxy: ProxyUnderTest = field(init=False)
+    _proxies: list[ProxyUnderTest] = field(default_factory=list)
+
+    @property
+    def upstreams(self) -> tuple[Upstream, Upstream, Upstream]:
+        return self.anon, self.basic, self.tok
+
+    def secrets(self) -> list[str]:
+        """Every credential the proxy holds or was given: passwords, Basic header values
+        and each token the token server issued so far."""
+        found: list[str] = []
+        for upstream in self.upstreams:
+            if upstream.credentials is not None:
+                found.extend(upstream.credentials.secrets())
+        found.extend(self.token_server.issued)
+        return found
+
+    def clear_logs(self) -> None:
+        for upstream in self.upstreams:
+            upstream.passthrough.log.clear()
+        self.token_server.requests.clear()
+
+    async def start_proxy(
+        self,
+        *,
+        basic: Mapping[str, Any] | None = None,
+        tok: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        extra_upstreams: list[dict[str, Any]] | None = None,
+    ) -> ProxyUnderTest:
+        """A proxy in front of all three upstreams; ``basic``/``tok`` override keys of
+        those upstreams' entries, ``environ`` what ``password_env`` reads."""
+        assert self.basic.credentials is not None and self.tok.credentials is not None
+        entries = [
+            upstream_entry(self.anon, aliases=[ANON_ALIAS], default=True),
+            {
+                **upstream_entry(
+                    self.basic,
+                    username=self.basic.credentials.username,
+                    password_env=BASIC_PASSWORD_ENV,
+                ),
+                **(basic or {}),
+            },
+            {
+                **upstream_entry(
+                    self.tok,
+                    username=self.tok.credentials.username,
+                    password=self.tok.credentials.password,
+                ),
+                **(tok or {}),
+            },
+            *(extra_upstreams or []),
+        ]
+        cache_dir = self.workdir / f"proxy-cache-{len(self._proxies)}"
+        mapping = {
+            "listen": "127.0.0.1:0",
+            "log_level": "debug",
+            "cache": {"dir": str(cache_dir)},
+            "upstreams": entries,
+        }
+        if environ is None:
+            environ = {BASIC_PASSWORD_ENV: self.basic.credentials.password}
+        proxy = await start_multi_proxy(mapping, cache_dir, environ)
+        self._proxies.append(proxy)
+        return proxy
+
+    async def close_proxies(self) -> None:
+        for proxy in reversed(self._proxies):
+            await proxy.server.stop()
+        self._proxies.clear()
+
+
+@contextlib.asynccontextmanager
+async def running_world(workdir: Path, binary: str) -> AsyncIterator[World]:
+    """Token server, three registries, their pass-throughs and a proxy over all three;
+    everything stopped again (registries by PID) on the way out."""
+    basic_creds = Credentials.random("basic-user")
+    tok_creds = Credentials.random("tok-user")
+    async with contextlib.AsyncExitStack() as stack:
+        token_server = TokenServer(workdir / "token", {tok_creds.username: tok_creds.password})
+        await token_server.start()
+        stack.push_async_callback(token_server.stop)
+
+        anon_registry = Registry(workdir / "anon", binary=binary)
+        basic_registry = AuthRegistry(
+            workdir / "basic",
+            binary=binary,
+            auth=htpasswd_auth(
+                workdir / "basic-auth", {basic_creds.username: basic_creds.password}
+            ),
+        )
+        tok_registry = AuthRegistry(
+            workdir / "tok", binary=binary, auth=token_server.registry_auth()
+        )
+        upstreams: list[Upstream] = []
+        for name, registry, creds in (
+            ("anon", anon_registry, None),
+            ("basic", basic_registry, basic_creds),
+            ("tok", tok_registry, tok_creds),
+        ):
+            stack.callback(registry.stop)
+            registry.start()
+            passthrough = PassThrough(registry.url)
+            await passthrough.start()
+            stack.push_async_callback(passthrough.stop)
+            upstreams.append(Upstream(name, registry, passthrough, creds))
+
+        world = World(upstreams[0], upstreams[1], upstreams[2], token_server, workdir)
+        stack.push_async_callback(world.close_proxies)
+        world.proxy = await world.start_proxy()
+        yield world
+
+
+@pytest.fixture(name="world")
+async def world_fixture(tmp_path: Path) -> AsyncIterator[World]:
+    binary = binary_or_skip(REGISTRY_BINARY)
+    async with running_world(tmp_path / "world", binary) as world:
+        yield world

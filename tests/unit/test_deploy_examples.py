@@ -1,0 +1,101 @@
+"""The runtime configurations in deploy/ load, and agree with each other.
+
+Every ``deploy/containerd/<registry>/hosts.toml`` (its active host and its commented
+``override_path`` variant) must reach the upstream of ``deploy/registry-proxy.multi.yaml``
+that serves ``<registry>``: by ``ns`` alone, or by ``ns`` plus a ``/v2/<upstream-name>``
+prefix naming the same upstream.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from proxy.routing import Router
+from proxy.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+MULTI = DEPLOY / "registry-proxy.multi.yaml"
+REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "registry.example.com")
+EXPECTED_UPSTREAM = {
+    "docker.io": "dockerhub",
+    "ghcr.io": "ghcr",
+    "quay.io": "quay",
+    "registry.example.com": "private",
+}
+
+
+def load_multi(tmp_path: Path) -> Settings:
+    """The multi-upstream example, with its password files pointed at temp files and its
+    password variables supplied (both are read at start-up)."""
+    data: dict[str, Any] = yaml.safe_load(MULTI.read_text())
+    for index, upstream in enumerate(data["upstreams"]):
+        if "password_file" in upstream:
+            secret = tmp_path / f"secret-{index}"
+            secret.write_text("s3cret\n")
+            upstream["password_file"] = str(secret)
+    environ = {
+        upstream["password_env"]: "token"
+        for upstream in data["upstreams"]
+        if "password_env" in upstream
+    }
+    return Settings.from_mapping(data, environ=environ)
+
+
+def commented_host_blocks(text: str) -> list[str]:
+    """The commented-out ``[host."..."]`` blocks of a hosts.toml, uncommented."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("# [host."):
+            blocks.append([line[2:]])
+        elif blocks and line.startswith("#   ") and not line[4:].lstrip().startswith("#"):
+            blocks[-1].append(line[2:])
+    return ["\n".join(block) for block in blocks]
+
+
+def test_multi_upstream_example_loads_and_routes(tmp_path: Path) -> None:
+    settings = load_multi(tmp_path)
+    assert [u.name for u in settings.upstreams] == ["dockerhub", "ghcr", "quay", "private"]
+    assert settings.default_upstream is not None
+    assert settings.default_upstream.name == "dockerhub"
+    router = Router(settings.upstreams)
+    for registry, name in EXPECTED_UPSTREAM.items():
+        assert router.route("team/app", registry).upstream.name == name
+    assert router.route("nginx", "docker.io").repo == "library/nginx"
+    assert router.route("ghcr/owner/app", None).upstream.name == "ghcr"
+    assert router.route("nginx", None).upstream.name == "dockerhub"
+    # The private upstream's password came from its file, and is never shown.
+    private = next(u for u in settings.upstreams if u.name == "private")
+    assert private.password == "s3cret"
+    assert "s3cret" not in repr(settings) + repr(settings.to_dict())
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_containerd_hosts_toml_reaches_the_right_upstream(registry: str, tmp_path: Path) -> None:
+    router = Router(load_multi(tmp_path).upstreams)
+    text = (DEPLOY / "containerd" / registry / "hosts.toml").read_text()
+    config = tomllib.loads(text)
+    assert urlsplit(config["server"]).scheme == "https"
+    variants = [config["host"], *(tomllib.loads(b)["host"] for b in commented_host_blocks(text))]
+    assert len(variants) >= 2, "expected a host and a commented override_path variant"
+    assert any(host.get("override_path") for variant in variants for host in variant.values())
+    for variant in variants:
+        for url, host in variant.items():
+            assert host["capabilities"] == ["pull", "resolve"], url
+            path = urlsplit(url).path
+            if host.get("override_path"):
+                # containerd uses the path as the API root: /v2/<upstream-name>.
+                prefix = path.removeprefix("/v2/")
+                assert path.startswith("/v2/") and "/" not in prefix, url
+                name = f"{prefix}/team/app"
+            else:
+                assert path in ("", "/"), url
+                name = "team/app"
+            route = router.route(name, registry)
+            assert route.upstream.name == EXPECTED_UPSTREAM[registry], url
+            assert route.repo == "team/app", (url, route.repo)
