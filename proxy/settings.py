@@ -8,6 +8,7 @@ environment variable) that is wrong, so an operator can fix it without reading c
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -53,7 +54,7 @@ _SIZE_UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_UPSTREAM_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
+_UPSTREAM_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*\Z")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,8 @@ def parse_duration(value: object, key: str) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ConfigError(key, f"expected a duration such as 300, 90s, 5m or 7d, got {value!r}")
+    if not math.isfinite(seconds):
+        raise ConfigError(key, "must be a finite number of seconds")
     if seconds < 0:
         raise ConfigError(key, "must not be negative")
     return seconds
@@ -174,7 +177,7 @@ class Settings:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
     cache_dir: Path = Path(DEFAULT_CACHE_DIR)
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     memory_entries: int = DEFAULT_MEMORY_ENTRIES
     max_size: int | None = None
     log_level: str = DEFAULT_LOG_LEVEL

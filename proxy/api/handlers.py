@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -47,7 +48,7 @@ def parse_target(tail: str) -> Target:
     name, found, reference = tail.rpartition("/referrers/")
     if found and name and reference and "/" not in reference:
         return Target("referrers", name, reference)
-    if "/blobs/uploads" in tail:
+    if re.search(r"/blobs/uploads(?:/[^/]*)?$", tail):
         raise Unsupported("this is a pull-through cache: pushing is not supported")
     for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob")):
         name, found, reference = tail.rpartition(marker)

@@ -55,7 +55,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPMethodNotAllowed:
         return error_response(405, "UNSUPPORTED", "method not allowed")
     except web.HTTPNotFound:
-        return error_response(404, "NOT_FOUND", f"no route for {request.path[:200]!r}")
+        return error_response(404, "UNSUPPORTED", f"no such endpoint: {request.path[:200]!r}")
     except web.HTTPException:
         raise
     except Exception:

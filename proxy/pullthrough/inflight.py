@@ -100,10 +100,12 @@ class BlobFetch:
         try:
             return os.open(self.temp_path, os.O_RDONLY)
         except FileNotFoundError:
-            # Committed (renamed) between our look-up and now: follow it to its final name.
+            pass
+        try:
+            return os.open(self._store.path(self.digest), os.O_RDONLY)
+        except FileNotFoundError:
             if self.done.done():
-                self.done.result()  # raises the fetch's error, if it failed
-                return os.open(self._store.path(self.digest), os.O_RDONLY)
+                self.done.result()
             raise UpstreamUnavailable("blob fetch ended before it could be read") from None
 
 
@@ -146,6 +148,14 @@ class InflightBlobFetches:
         for task in list(self._tasks):
             with suppress(asyncio.CancelledError):
                 await task
+        error = UpstreamUnavailable("fetch cancelled")
+        for fetch in list(self._fetches.values()):
+            for fut in (fetch.ready, fetch.done):
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()
+            fetch._notify()
+        self._fetches.clear()
 
     async def _run(self, fetch: BlobFetch, opener: BlobOpener) -> None:
         metrics.INFLIGHT_FETCHES.inc()

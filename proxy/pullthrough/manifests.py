@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from proxy import metrics
 from proxy.errors import ManifestUnknown, NotAcceptable, TooManyRequests, UpstreamError
 from proxy.interfaces import LinkService, TagEntry, TagService
-from proxy.model import Digest, Reference, accepts, references
+from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, references
 from proxy.pullthrough.coalesce import Coalescer
 from proxy.settings import UpstreamSettings
 from proxy.storage.manifests import ManifestStore, StoredManifest
@@ -99,7 +99,7 @@ class ProxyManifestService:
         return ManifestResult(manifest, MISS)
 
     async def _get_by_tag(self, repo: str, tag: str, accept: str | None) -> ManifestResult:
-        entry = await self._tags.get(self._settings.name, repo, tag)
+        entry = await self._tags.get(self._settings.name, repo, tag_key(tag, accept))
         if entry is not None and accepts(accept, entry.media_type):
             local = await self._store.get(entry.digest)
             if local is not None:
@@ -147,12 +147,12 @@ class ProxyManifestService:
         manifest = await self._store.get(head.digest) if head.digest == entry.digest else None
         if manifest is None:
             manifest = await self._fetch(repo, str(head.digest), accept)
-        await self._record_tag(repo, tag, manifest)
+        await self._record_tag(repo, tag, accept, manifest)
         return manifest
 
     async def _fetch_tag(self, repo: str, tag: str, accept: str | None) -> StoredManifest:
         manifest = await self._fetch(repo, tag, accept)
-        await self._record_tag(repo, tag, manifest)
+        await self._record_tag(repo, tag, accept, manifest)
         return manifest
 
     async def _fetch(self, repo: str, reference: str, accept: str | None) -> StoredManifest:
@@ -165,9 +165,21 @@ class ProxyManifestService:
         )
         return manifest
 
-    async def _record_tag(self, repo: str, tag: str, manifest: StoredManifest) -> None:
+    async def _record_tag(
+        self, repo: str, tag: str, accept: str | None, manifest: StoredManifest
+    ) -> None:
         entry = TagEntry(manifest.digest, manifest.media_type, len(manifest.body), self._clock())
-        await self._tags.set(self._settings.name, repo, tag, entry)
+        await self._tags.set(self._settings.name, repo, tag_key(tag, accept), entry)
+
+
+def tag_key(tag: str, accept: str | None) -> str:
+    """The tag as a cache key. A client whose Accept admits every manifest type sees what
+    the upstream offers everyone; one with a narrower Accept (an old client that knows no
+    indexes) may get another manifest for the same tag, so its answer is cached under its
+    own key (``#`` cannot occur in a tag) and never repoints the tag for everyone else."""
+    if all(accepts(accept, mt) for mt in MANIFEST_MEDIA_TYPES):
+        return tag
+    return tag + "#" + ",".join(_accept_key(accept))
 
 
 def _accept_key(accept: str | None) -> tuple[str, ...]:

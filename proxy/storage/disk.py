@@ -20,11 +20,12 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from proxy import metrics
-from proxy.errors import BlobUnknown, DigestMismatch, TooLarge
+from proxy.errors import BlobUnknown, DigestMismatch, TooLarge, UpstreamUnavailable
 from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter
 from proxy.model import Descriptor, Digest
 
@@ -164,6 +165,9 @@ class DiskBlobWriter(BlobWriter):
         self._hasher = digest.hasher()
         self._written = 0
         self._committed = False
+        # commit and cancel run in worker threads; a task cancelled during commit runs
+        # cancel concurrently: the lock keeps them from closing the descriptor twice.
+        self._lock = threading.Lock()
 
     @property
     def temp_path(self) -> Path:
@@ -185,11 +189,18 @@ class DiskBlobWriter(BlobWriter):
         await asyncio.to_thread(self._write_sync, chunk)
         self._written += len(chunk)
 
-    def _commit_sync(self, expected: Descriptor) -> Descriptor:
-        assert self._fd is not None, "commit after commit or cancel"
+    def _commit_sync(self, expected: Descriptor) -> tuple[Descriptor, bool]:
+        with self._lock:
+            return self._commit_locked(expected)
+
+    def _commit_locked(self, expected: Descriptor) -> tuple[Descriptor, bool]:
+        """Returns the descriptor and whether the file is new (not a replacement)."""
+        if self._fd is None:
+            raise UpstreamUnavailable("blob ingest was cancelled")
         actual = Digest(expected.digest.algorithm, self._hasher.hexdigest())
         if actual != expected.digest or self._written != expected.size:
             metrics.DIGEST_MISMATCHES.inc()
+            self._cancel_locked()
             raise DigestMismatch(
                 f"upstream content does not match {expected.digest}",
                 detail={
@@ -205,17 +216,21 @@ class DiskBlobWriter(BlobWriter):
         replaced = final.exists()
         os.rename(self._temp, final)
         self._committed = True
-        if not replaced:
-            self._store._added(self._written)
-        return Descriptor(expected.digest, self._written, expected.media_type)
+        return Descriptor(expected.digest, self._written, expected.media_type), not replaced
 
     async def commit(self, expected: Descriptor) -> Descriptor:
-        descriptor = await asyncio.to_thread(self._commit_sync, expected)
+        descriptor, new = await asyncio.to_thread(self._commit_sync, expected)
+        if new:
+            self._store._added(descriptor.size)
         if self._store.on_commit is not None:
             self._store.on_commit()
         return descriptor
 
     def _cancel_sync(self) -> None:
+        with self._lock:
+            self._cancel_locked()
+
+    def _cancel_locked(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

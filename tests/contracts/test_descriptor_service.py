@@ -1,0 +1,316 @@
+"""Contract suites: one BlobDescriptorService suite, one TagService suite and one
+LinkService suite, each run against every implementation (after Distribution's
+``cache/cachecheck``).
+
+The descriptor contract, from ``proxy.interfaces``: ``stat`` of an unknown digest raises
+``BlobUnknown``; ``set_descriptor`` then ``stat`` returns what was set; ``clear`` then
+``stat`` misses; ``clear`` of an unknown digest and a repeated ``set_descriptor`` are fine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from proxy.cache.cached import CachedBlobStatter
+from proxy.cache.instrumented import instrumented
+from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore, MemoryTagStore
+from proxy.cache.redis import RedisDescriptorCache, RedisLayer, RedisLinkStore, RedisTagStore
+from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.errors import BlobUnknown
+from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
+from proxy.model import Descriptor, Digest
+from proxy.pullthrough.registry import build_shared_descriptors
+from proxy.pullthrough.scoped import RepositoryScopedStatter
+from proxy.storage.disk import DiskBlobStore
+
+
+def digest_of(label: str) -> Digest:
+    return Digest("sha256", hashlib.sha256(label.encode()).hexdigest())
+
+
+class EmptyUpstream(BlobDescriptorService):
+    """The bottom of a repository chain when the upstream knows nothing (HEAD is 404)."""
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        raise BlobUnknown(f"blob {digest} is unknown upstream")
+
+    async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
+        return None
+
+    async def clear(self, digest: Digest) -> None:
+        return None
+
+
+class Backends:
+    """What a factory may need: a scratch directory and Redis layers closed at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self._layers: list[RedisLayer] = []
+
+    def redis(self) -> RedisLayer:
+        layer = RedisLayer(fakeredis.FakeAsyncRedis())
+        self._layers.append(layer)
+        return layer
+
+    def store(self) -> DiskBlobStore:
+        store = DiskBlobStore(self.tmp / "cache")
+        store.open_store()
+        return store
+
+    async def close(self) -> None:
+        for layer in self._layers:
+            await layer.close()
+
+
+@pytest.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
+    backends = Backends(tmp_path)
+    yield backends
+    await backends.close()
+
+
+ServiceFactory = Callable[[Backends], BlobDescriptorService]
+
+# The disk-backed chains: the disk is the bottom record, so for digests with no file on
+# disk they must behave like any other descriptor service. (With a file, see below.)
+DESCRIPTOR_SERVICES: dict[str, ServiceFactory] = {
+    "MemoryDescriptorCache": lambda b: MemoryDescriptorCache(100),
+    "RedisDescriptorCache": lambda b: RedisDescriptorCache(b.redis()),
+    "CachedBlobStatter(Memory,Memory)": lambda b: CachedBlobStatter(
+        MemoryDescriptorCache(100), MemoryDescriptorCache(100)
+    ),
+    "instrumented(Memory)": lambda b: instrumented("memory")(MemoryDescriptorCache(100)),
+    "shared(memory,disk)": lambda b: build_shared_descriptors(b.store(), 100, None),
+    "shared(memory,redis,disk)": lambda b: build_shared_descriptors(b.store(), 100, b.redis()),
+    "RepositoryScopedStatter": lambda b: RepositoryScopedStatter(
+        MemoryLinkStore(100),
+        "up",
+        "team/app",
+        CachedBlobStatter(MemoryDescriptorCache(100), EmptyUpstream()),
+        EmptyUpstream(),
+    ),
+}
+
+
+@pytest.fixture(params=list(DESCRIPTOR_SERVICES.values()), ids=list(DESCRIPTOR_SERVICES))
+def service(request: pytest.FixtureRequest, backends: Backends) -> BlobDescriptorService:
+    factory: ServiceFactory = request.param
+    return factory(backends)
+
+
+DIGEST = digest_of("one")
+DESCRIPTOR = Descriptor(DIGEST, 1234, "application/vnd.oci.image.layer.v1.tar+gzip")
+
+
+async def test_stat_of_unknown_raises_blob_unknown(service: BlobDescriptorService) -> None:
+    with pytest.raises(BlobUnknown):
+        await service.stat(DIGEST)
+
+
+async def test_set_then_stat_returns_it(service: BlobDescriptorService) -> None:
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    assert await service.stat(DIGEST) == DESCRIPTOR
+
+
+async def test_clear_then_stat_misses(service: BlobDescriptorService) -> None:
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    await service.clear(DIGEST)
+    with pytest.raises(BlobUnknown):
+        await service.stat(DIGEST)
+
+
+async def test_clear_of_unknown_is_fine(service: BlobDescriptorService) -> None:
+    await service.clear(digest_of("never set"))
+    await service.clear(digest_of("never set"))
+
+
+async def test_set_is_idempotent(service: BlobDescriptorService) -> None:
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    assert await service.stat(DIGEST) == DESCRIPTOR
+    await service.clear(DIGEST)
+    with pytest.raises(BlobUnknown):
+        await service.stat(DIGEST)
+
+
+async def test_set_replaces(service: BlobDescriptorService) -> None:
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    replaced = Descriptor(DIGEST, 99, "application/octet-stream")
+    await service.set_descriptor(DIGEST, replaced)
+    assert await service.stat(DIGEST) == replaced
+
+
+async def test_digests_are_independent(service: BlobDescriptorService) -> None:
+    other = digest_of("two")
+    await service.set_descriptor(DIGEST, DESCRIPTOR)
+    with pytest.raises(BlobUnknown):
+        await service.stat(other)
+    await service.set_descriptor(other, Descriptor(other, 1))
+    await service.clear(DIGEST)
+    assert await service.stat(other) == Descriptor(other, 1)
+
+
+# --- the shared chain with files on disk -----------------------------------------------
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["memory,disk", "memory,redis,disk"])
+async def test_shared_chain_stats_committed_files_from_disk(
+    backends: Backends, with_redis: bool
+) -> None:
+    store = backends.store()
+    chain = build_shared_descriptors(store, 100, backends.redis() if with_redis else None)
+    data = b"committed layer"
+    digest = Digest.of(data)
+    with pytest.raises(BlobUnknown):
+        await chain.stat(digest)
+
+    await store.put(digest, data)
+
+    assert await chain.stat(digest) == Descriptor(digest, len(data))
+    # The file is the record: clear() drops cached descriptors, not the content.
+    await chain.clear(digest)
+    assert await chain.stat(digest) == Descriptor(digest, len(data))
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["memory,disk", "memory,redis,disk"])
+async def test_shared_chain_clear_after_file_removal_is_a_miss(
+    backends: Backends, with_redis: bool
+) -> None:
+    store = backends.store()
+    chain = build_shared_descriptors(store, 100, backends.redis() if with_redis else None)
+    data = b"evicted layer"
+    digest = Digest.of(data)
+    await store.put(digest, data)
+    await chain.stat(digest)  # now also in the cache layers
+    await store.delete(digest)
+
+    await chain.clear(digest)
+
+    with pytest.raises(BlobUnknown):
+        await chain.stat(digest)
+
+
+async def test_memory_cache_is_bounded() -> None:
+    cache = MemoryDescriptorCache(2)
+    digests = [digest_of(str(i)) for i in range(3)]
+    for digest in digests:
+        await cache.set_descriptor(digest, Descriptor(digest, 1))
+    with pytest.raises(BlobUnknown):
+        await cache.stat(digests[0])
+    assert await cache.stat(digests[2]) == Descriptor(digests[2], 1)
+
+
+async def test_cached_statter_fills_the_cache_from_the_backend() -> None:
+    cache = MemoryDescriptorCache(10)
+    backend = MemoryDescriptorCache(10)
+    statter = CachedBlobStatter(cache, backend)
+    await backend.set_descriptor(DIGEST, DESCRIPTOR)
+
+    assert await statter.stat(DIGEST) == DESCRIPTOR
+    await backend.clear(DIGEST)
+    assert await cache.stat(DIGEST) == DESCRIPTOR
+
+
+# --- TagService ---------------------------------------------------------------------------
+
+TagFactory = Callable[[Backends], TagService]
+TAG_TTL = 300.0
+
+TAG_SERVICES: dict[str, TagFactory] = {
+    "MemoryTagStore": lambda b: MemoryTagStore(100),
+    "RedisTagStore": lambda b: RedisTagStore(b.redis()),
+    "TieredTagStore(Memory,Redis)": lambda b: TieredTagStore(
+        MemoryTagStore(100), RedisTagStore(b.redis()), lambda _name: TAG_TTL, l2_layer="redis"
+    ),
+}
+
+
+@pytest.fixture(params=list(TAG_SERVICES.values()), ids=list(TAG_SERVICES))
+def tags(request: pytest.FixtureRequest, backends: Backends) -> TagService:
+    factory: TagFactory = request.param
+    return factory(backends)
+
+
+ENTRY = TagEntry(DIGEST, "application/vnd.oci.image.manifest.v1+json", 512, 1000.25)
+
+
+async def test_tag_get_of_unknown_is_none(tags: TagService) -> None:
+    assert await tags.get("hub", "library/nginx", "latest") is None
+
+
+async def test_tag_set_then_get(tags: TagService) -> None:
+    await tags.set("hub", "library/nginx", "latest", ENTRY)
+    assert await tags.get("hub", "library/nginx", "latest") == ENTRY
+
+
+async def test_tag_set_replaces_and_is_idempotent(tags: TagService) -> None:
+    await tags.set("hub", "library/nginx", "latest", ENTRY)
+    newer = TagEntry(digest_of("newer"), ENTRY.media_type, 600, 2000.5)
+    await tags.set("hub", "library/nginx", "latest", newer)
+    await tags.set("hub", "library/nginx", "latest", newer)
+    assert await tags.get("hub", "library/nginx", "latest") == newer
+
+
+async def test_tags_are_keyed_by_upstream_repo_and_tag(tags: TagService) -> None:
+    await tags.set("hub", "library/nginx", "latest", ENTRY)
+    assert await tags.get("ghcr", "library/nginx", "latest") is None
+    assert await tags.get("hub", "library/redis", "latest") is None
+    assert await tags.get("hub", "library/nginx", "stable") is None
+    assert await tags.get("hub", "library", "nginx/latest") is None
+
+
+async def test_tag_entries_are_kept_past_any_ttl(tags: TagService) -> None:
+    # A mapping past its TTL is what a stale serve needs: stores never expire it early.
+    ancient = TagEntry(DIGEST, ENTRY.media_type, 512, 1.0)
+    await tags.set("hub", "library/nginx", "old", ancient)
+    assert await tags.get("hub", "library/nginx", "old") == ancient
+
+
+# --- LinkService --------------------------------------------------------------------------
+
+LinkFactory = Callable[[Backends], LinkService]
+
+LINK_SERVICES: dict[str, LinkFactory] = {
+    "MemoryLinkStore": lambda b: MemoryLinkStore(100),
+    "RedisLinkStore": lambda b: RedisLinkStore(b.redis()),
+    "TieredLinkStore(Memory,Redis)": lambda b: TieredLinkStore(
+        MemoryLinkStore(100), RedisLinkStore(b.redis())
+    ),
+}
+
+
+@pytest.fixture(params=list(LINK_SERVICES.values()), ids=list(LINK_SERVICES))
+def links(request: pytest.FixtureRequest, backends: Backends) -> LinkService:
+    factory: LinkFactory = request.param
+    return factory(backends)
+
+
+async def test_unknown_link_is_false(links: LinkService) -> None:
+    assert await links.linked("hub", "library/nginx", DIGEST) is False
+
+
+async def test_link_then_linked(links: LinkService) -> None:
+    other = digest_of("other")
+    await links.link("hub", "library/nginx", [DIGEST, other])
+    assert await links.linked("hub", "library/nginx", DIGEST) is True
+    assert await links.linked("hub", "library/nginx", other) is True
+
+
+async def test_link_is_idempotent_and_empty_is_fine(links: LinkService) -> None:
+    await links.link("hub", "library/nginx", [])
+    await links.link("hub", "library/nginx", [DIGEST])
+    await links.link("hub", "library/nginx", [DIGEST])
+    assert await links.linked("hub", "library/nginx", DIGEST) is True
+
+
+async def test_links_are_keyed_by_upstream_repo_and_digest(links: LinkService) -> None:
+    await links.link("hub", "library/nginx", [DIGEST])
+    assert await links.linked("ghcr", "library/nginx", DIGEST) is False
+    assert await links.linked("hub", "library/redis", DIGEST) is False
+    assert await links.linked("hub", "library/nginx", digest_of("other")) is False

@@ -1,0 +1,407 @@
+"""ProxyManifestService: tag TTL, HEAD revalidation, stale serving, Accept, coalescing.
+
+The upstream is a fake that counts calls; storage is the real ManifestStore over a
+DiskBlobStore; time is a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from proxy.cache.memory import MemoryLinkStore, MemoryTagStore
+from proxy.errors import (
+    ManifestUnknown,
+    NotAcceptable,
+    RegistryError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from proxy.model import (
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Digest,
+    Reference,
+)
+from proxy.pullthrough.manifests import (
+    HIT,
+    MISS,
+    REVALIDATED,
+    STALE,
+    ManifestResult,
+    ProxyManifestService,
+)
+from proxy.settings import UpstreamSettings
+from proxy.storage.disk import DiskBlobStore
+from proxy.storage.manifests import ManifestStore
+from proxy.upstream.client import UpstreamClient, UpstreamManifest
+from proxy.upstream.health import UpstreamHealth
+from tests.unit.fake_registry import manifest_body
+
+TTL = 300.0
+REPO = "team/app"
+V1 = manifest_body("v1")
+V2 = manifest_body("v2")
+INDEX = manifest_body("index", MEDIA_TYPE_OCI_INDEX)
+DOCKER = manifest_body("docker", MEDIA_TYPE_DOCKER_MANIFEST)
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    repo: str
+    reference: str
+    accept: str | None
+
+
+class FakeUpstream:
+    """Plays ``UpstreamClient.get_manifest``; tags map to variants chosen by Accept."""
+
+    def __init__(self) -> None:
+        self.name = "fake"
+        self.health = UpstreamHealth("fake", failures=1000, cooldown=30.0, budget_floor=10)
+        self.tags: dict[str, list[tuple[str, bytes]]] = {}
+        self.by_digest: dict[str, tuple[str, bytes]] = {}
+        self.calls: list[Call] = []
+        self.error: RegistryError | None = None
+        self.gate: asyncio.Event | None = None
+        self.called = asyncio.Event()
+
+    def tag(self, tag: str, *variants: tuple[str, bytes]) -> None:
+        self.tags[tag] = list(variants)
+        for media_type, body in variants:
+            self.by_digest[str(Digest.of(body))] = (media_type, body)
+
+    def methods(self) -> list[str]:
+        return [call.method for call in self.calls]
+
+    async def get_manifest(
+        self, repo: str, reference: str, accept: str | None, *, head: bool = False
+    ) -> UpstreamManifest:
+        self.calls.append(Call("HEAD" if head else "GET", repo, reference, accept))
+        self.called.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        if reference in self.by_digest:
+            media_type, body = self.by_digest[reference]
+        else:
+            chosen = [
+                (mt, b) for mt, b in self.tags.get(reference, []) if accept is None or mt in accept
+            ]
+            if not chosen:
+                raise ManifestUnknown(f"{reference} unknown")
+            media_type, body = chosen[0]
+        return UpstreamManifest(Digest.of(body), media_type, len(body), None if head else body)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    service: ProxyManifestService
+    upstream: FakeUpstream
+    clock: Clock
+    store: ManifestStore
+
+    async def get(self, reference: str, accept: str | None = None) -> ManifestResult:
+        return await self.service.get(REPO, Reference.parse(reference), accept)
+
+
+def make_rig(tmp_path: Path, **settings: Any) -> Rig:
+    disk = DiskBlobStore(tmp_path / "cache")
+    disk.open_store()
+    store = ManifestStore(disk)
+    upstream = FakeUpstream()
+    clock = Clock()
+    service = ProxyManifestService(
+        UpstreamSettings(name="fake", url="http://127.0.0.1:1", tag_ttl=TTL, **settings),
+        cast(UpstreamClient, upstream),
+        store,
+        MemoryTagStore(100),
+        MemoryLinkStore(100),
+        clock=clock,
+    )
+    return Rig(service, upstream, clock, store)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    rig = make_rig(tmp_path)
+    yield rig
+    await rig.service.close()
+
+
+# --- by tag ------------------------------------------------------------------------------
+
+
+async def test_first_pull_fetches_and_stores(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+
+    result = await rig.get("v1")
+
+    assert result.outcome == MISS
+    assert result.manifest.body == V1
+    assert result.manifest.digest == Digest.of(V1)
+    assert result.manifest.media_type == MEDIA_TYPE_OCI_MANIFEST
+    assert rig.upstream.calls == [Call("GET", REPO, "v1", None)]
+    assert await rig.store.get(Digest.of(V1)) is not None
+
+
+async def test_tag_within_ttl_makes_no_upstream_call(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+
+    rig.clock.now += TTL - 1
+    result = await rig.get("v1")
+
+    assert result.outcome == HIT
+    assert result.manifest.body == V1
+    assert rig.upstream.calls == []
+
+
+async def test_after_ttl_same_digest_is_one_head_and_no_get(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+
+    rig.clock.now += TTL + 1
+    result = await rig.get("v1")
+
+    assert result.outcome == REVALIDATED
+    assert result.manifest.body == V1
+    assert rig.upstream.calls == [Call("HEAD", REPO, "v1", None)]
+
+    # Revalidation refreshed the mapping: fresh again for another TTL.
+    rig.upstream.calls.clear()
+    rig.clock.now += TTL - 1
+    assert (await rig.get("v1")).outcome == HIT
+    assert rig.upstream.calls == []
+
+
+async def test_after_ttl_new_digest_is_fetched_by_digest(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V2))  # the tag moved upstream
+    rig.upstream.calls.clear()
+
+    rig.clock.now += TTL + 1
+    result = await rig.get("v1")
+
+    assert result.outcome == MISS
+    assert result.manifest.body == V2
+    assert rig.upstream.calls == [
+        Call("HEAD", REPO, "v1", None),
+        Call("GET", REPO, str(Digest.of(V2)), None),
+    ]
+    rig.upstream.calls.clear()
+    assert (await rig.get("v1")).manifest.body == V2
+    assert rig.upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UpstreamUnavailable("connection refused"),
+        UpstreamError("upstream answered 500"),
+        TooManyRequests("slow down", headers={"Retry-After": "60"}),
+    ],
+    ids=["unavailable", "5xx", "429"],
+)
+async def test_upstream_failure_after_ttl_serves_stale(rig: Rig, error: RegistryError) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.error = error
+    rig.upstream.calls.clear()
+
+    rig.clock.now += TTL + 1
+    result = await rig.get("v1")
+
+    assert result.outcome == STALE
+    assert result.manifest.body == V1
+    assert rig.upstream.methods() == ["HEAD"]
+
+
+async def test_stale_is_not_served_beyond_max_stale(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, max_stale=3600.0)
+    try:
+        rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+        await rig.get("v1")
+        rig.upstream.error = UpstreamUnavailable("down")
+
+        rig.clock.now += TTL + 3600 - 1
+        assert (await rig.get("v1")).outcome == STALE
+        rig.clock.now += 2
+        with pytest.raises(UpstreamUnavailable):
+            await rig.get("v1")
+    finally:
+        await rig.service.close()
+
+
+async def test_tag_gone_upstream_is_not_served_stale_by_default(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    del rig.upstream.tags["v1"]
+
+    rig.clock.now += TTL + 1
+    with pytest.raises(ManifestUnknown):
+        await rig.get("v1")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [UpstreamUnavailable("connection refused"), UpstreamError("upstream answered 502")],
+    ids=["unavailable", "5xx"],
+)
+async def test_nothing_cached_and_failure_propagates(rig: Rig, error: RegistryError) -> None:
+    rig.upstream.error = error
+    with pytest.raises(type(error)):
+        await rig.get("v1")
+
+
+async def test_too_many_requests_with_nothing_cached_stays_429(rig: Rig) -> None:
+    rig.upstream.error = TooManyRequests("slow down", headers={"Retry-After": "17"})
+
+    with pytest.raises(TooManyRequests) as info:
+        await rig.get("v1")
+
+    assert info.value.status == 429
+    assert info.value.headers["Retry-After"] == "17"
+
+
+async def test_unknown_tag_is_manifest_unknown(rig: Rig) -> None:
+    with pytest.raises(ManifestUnknown):
+        await rig.get("nope")
+
+
+async def test_accept_refusing_the_cached_type_asks_upstream(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1), (MEDIA_TYPE_DOCKER_MANIFEST, DOCKER))
+    await rig.get("v1", MEDIA_TYPE_OCI_MANIFEST)
+    rig.upstream.calls.clear()
+
+    result = await rig.get("v1", MEDIA_TYPE_DOCKER_MANIFEST)
+
+    assert result.manifest.body == DOCKER
+    assert result.manifest.media_type == MEDIA_TYPE_DOCKER_MANIFEST
+    assert rig.upstream.calls == [Call("GET", REPO, "v1", MEDIA_TYPE_DOCKER_MANIFEST)]
+
+
+async def test_a_narrow_accept_does_not_repoint_the_tag_for_everyone(rig: Rig) -> None:
+    # A multi-arch tag: clients that accept indexes get the index; an old client that
+    # accepts only single-image manifests gets one platform's manifest. The old client
+    # must not make the tag mean that single manifest for every client that follows.
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_INDEX, INDEX), (MEDIA_TYPE_DOCKER_MANIFEST, DOCKER))
+    assert (await rig.get("v1")).manifest.body == INDEX
+    assert (await rig.get("v1", MEDIA_TYPE_DOCKER_MANIFEST)).manifest.body == DOCKER
+
+    result = await rig.get("v1")
+
+    assert result.manifest.body == INDEX
+
+
+async def test_concurrent_tag_misses_are_one_upstream_get(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    rig.upstream.gate = asyncio.Event()
+    pulls = [asyncio.create_task(rig.get("v1")) for _ in range(8)]
+    # Pulls run in creation order and none suspends before joining the coalescer, so
+    # when the shared call starts every pull has joined it.
+    await rig.upstream.called.wait()
+    rig.upstream.gate.set()
+
+    results = await asyncio.gather(*pulls)
+
+    assert [r.manifest.body for r in results] == [V1] * 8
+    assert rig.upstream.calls == [Call("GET", REPO, "v1", None)]
+
+
+async def test_concurrent_revalidations_are_one_head(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+    rig.clock.now += TTL + 1
+    rig.upstream.gate = asyncio.Event()
+    pulls = [asyncio.create_task(rig.get("v1")) for _ in range(5)]
+    await rig.upstream.called.wait()
+    rig.upstream.gate.set()
+
+    results = await asyncio.gather(*pulls)
+
+    assert {r.outcome for r in results} == {REVALIDATED}
+    assert rig.upstream.methods() == ["HEAD"]
+
+
+async def test_low_pull_budget_serves_tags_without_revalidating(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.health.observe({"ratelimit-remaining": "3;w=21600"})
+    rig.upstream.calls.clear()
+
+    rig.clock.now += TTL + 1
+    assert (await rig.get("v1")).outcome == HIT
+    with pytest.raises(TooManyRequests):
+        await rig.get("v2")  # a cold pull is refused to keep the last pulls
+    assert rig.upstream.calls == []
+
+
+# --- by digest ------------------------------------------------------------------------------
+
+
+async def test_by_digest_miss_then_hit(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    digest = str(Digest.of(V1))
+
+    first = await rig.get(digest)
+    second = await rig.get(digest)
+
+    assert (first.outcome, second.outcome) == (MISS, HIT)
+    assert first.manifest.body == second.manifest.body == V1
+    assert rig.upstream.calls == [Call("GET", REPO, digest, None)]
+
+
+async def test_by_digest_after_tag_pull_is_a_hit(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+    assert (await rig.get(str(Digest.of(V1)))).outcome == HIT
+    assert rig.upstream.calls == []
+
+
+async def test_by_digest_cached_with_refusing_accept_is_not_acceptable(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    digest = str(Digest.of(V1))
+    await rig.get(digest)
+    rig.upstream.calls.clear()
+
+    with pytest.raises(NotAcceptable):
+        await rig.get(digest, MEDIA_TYPE_DOCKER_MANIFEST)
+    assert rig.upstream.calls == []
+
+
+async def test_by_digest_cached_for_another_repository_is_confirmed_upstream(rig: Rig) -> None:
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    digest = str(Digest.of(V1))
+    await rig.service.get("other/repo", Reference.parse(digest), None)
+    rig.upstream.calls.clear()
+
+    result = await rig.get(digest)
+
+    assert result.outcome == HIT
+    assert rig.upstream.calls == [Call("HEAD", REPO, digest, None)]
+    rig.upstream.calls.clear()
+    await rig.get(digest)
+    assert rig.upstream.calls == []

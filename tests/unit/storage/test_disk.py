@@ -1,0 +1,205 @@
+"""DiskBlobStore: verify-then-rename ingest, reads, start-up clean-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import BlobUnknown, DigestMismatch, TooLarge
+from proxy.model import Descriptor, Digest
+from proxy.storage.disk import BLOBS_DIR, PART_SUFFIX, TMP_DIR, DiskBlobStore, DiskDescriptorService
+
+DATA = b"layer bytes " * 1000
+DIGEST = Digest.of(DATA)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DiskBlobStore:
+    store = DiskBlobStore(tmp_path / "cache")
+    store.open_store()
+    return store
+
+
+def temp_files(store: DiskBlobStore) -> list[Path]:
+    return sorted((store.root / TMP_DIR).iterdir())
+
+
+def test_path_layout(store: DiskBlobStore) -> None:
+    assert store.path(DIGEST) == (store.root / BLOBS_DIR / "sha256" / DIGEST.hex[:2] / DIGEST.hex)
+
+
+async def test_create_write_commit_puts_the_file_in_place(store: DiskBlobStore) -> None:
+    writer = await store.create(DIGEST)
+    assert writer.temp_path.parent == store.root / TMP_DIR
+    assert writer.temp_path.name.endswith(PART_SUFFIX)
+    assert not store.path(DIGEST).exists()
+    for start in range(0, len(DATA), 4096):
+        await writer.write(DATA[start : start + 4096])
+    assert writer.temp_path.read_bytes() == DATA
+
+    descriptor = await writer.commit(Descriptor(DIGEST, len(DATA), "application/x-test"))
+
+    assert descriptor == Descriptor(DIGEST, len(DATA), "application/x-test")
+    assert store.path(DIGEST).read_bytes() == DATA
+    assert temp_files(store) == []
+    await writer.cancel()  # after commit: a no-op that must not remove the blob
+    assert store.path(DIGEST).read_bytes() == DATA
+
+
+async def test_two_writers_of_one_digest_use_distinct_temp_files(store: DiskBlobStore) -> None:
+    first = await store.create(DIGEST)
+    second = await store.create(DIGEST)
+    assert first.temp_path != second.temp_path
+    await first.cancel()
+    await second.cancel()
+    assert temp_files(store) == []
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        (b"other bytes", Descriptor(DIGEST, len(b"other bytes"))),  # wrong digest
+        (DATA, Descriptor(DIGEST, len(DATA) + 1)),  # right digest, wrong size
+        (DATA[:-1], Descriptor(DIGEST, len(DATA))),  # truncated
+    ],
+    ids=["digest", "size", "truncated"],
+)
+async def test_mismatch_commits_nothing(
+    store: DiskBlobStore, written: bytes, expected: Descriptor
+) -> None:
+    writer = await store.create(DIGEST)
+    await writer.write(written)
+
+    with pytest.raises(DigestMismatch) as info:
+        await writer.commit(expected)
+
+    assert info.value.detail["expected"]["digest"] == str(DIGEST)
+    assert not store.path(DIGEST).exists()
+    await writer.cancel()  # what every caller does in its finally
+    assert temp_files(store) == []
+    with pytest.raises(BlobUnknown):
+        await store.stat(DIGEST)
+
+
+async def test_failed_commit_itself_removes_the_temp_file(store: DiskBlobStore) -> None:
+    # BlobWriter.commit's contract: "Raises DigestMismatch (and removes the temp file)
+    # when the bytes are wrong" -- without relying on a later cancel().
+    writer = await store.create(DIGEST)
+    await writer.write(b"wrong")
+    with pytest.raises(DigestMismatch):
+        await writer.commit(Descriptor(DIGEST, 5))
+    try:
+        assert temp_files(store) == []
+    finally:
+        await writer.cancel()
+
+
+async def test_cancel_is_idempotent(store: DiskBlobStore) -> None:
+    writer = await store.create(DIGEST)
+    await writer.write(DATA)
+    await writer.cancel()
+    await writer.cancel()
+    assert temp_files(store) == []
+    assert not store.path(DIGEST).exists()
+
+
+async def test_put_stores_small_blobs_and_verifies(store: DiskBlobStore) -> None:
+    body = b'{"schemaVersion": 2}'
+    digest = Digest.of(body)
+    assert await store.put(digest, body) == Descriptor(digest, len(body))
+    assert store.path(digest).read_bytes() == body
+
+    with pytest.raises(DigestMismatch):
+        await store.put(DIGEST, body)
+    assert not store.path(DIGEST).exists()
+    assert temp_files(store) == []
+
+
+def test_open_store_removes_leftover_part_files(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    (root / TMP_DIR).mkdir(parents=True)
+    leftover = root / TMP_DIR / f"{DIGEST.hex}.dead{PART_SUFFIX}"
+    leftover.write_bytes(b"half a blob")
+    committed = root / BLOBS_DIR / "sha256" / DIGEST.hex[:2] / DIGEST.hex
+    committed.parent.mkdir(parents=True)
+    committed.write_bytes(DATA)
+
+    DiskBlobStore(root).open_store()
+
+    assert not leftover.exists()
+    assert committed.read_bytes() == DATA
+
+
+def test_open_store_creates_directories(tmp_path: Path) -> None:
+    DiskBlobStore(tmp_path / "new").open_store()
+    assert (tmp_path / "new" / BLOBS_DIR).is_dir()
+    assert (tmp_path / "new" / TMP_DIR).is_dir()
+
+
+async def test_stat_and_read(store: DiskBlobStore) -> None:
+    await store.put(DIGEST, DATA)
+    assert await store.stat(DIGEST) == Descriptor(DIGEST, len(DATA))
+    assert await store.read(DIGEST, len(DATA)) == DATA
+
+
+async def test_read_over_limit_is_too_large(store: DiskBlobStore) -> None:
+    await store.put(DIGEST, DATA)
+    with pytest.raises(TooLarge):
+        await store.read(DIGEST, len(DATA) - 1)
+
+
+async def test_missing_blob_is_unknown(store: DiskBlobStore) -> None:
+    with pytest.raises(BlobUnknown):
+        await store.stat(DIGEST)
+    with pytest.raises(BlobUnknown):
+        await store.read(DIGEST, 1 << 20)
+
+
+async def test_delete_is_idempotent(store: DiskBlobStore) -> None:
+    await store.put(DIGEST, DATA)
+    await store.delete(DIGEST)
+    await store.delete(DIGEST)
+    with pytest.raises(BlobUnknown):
+        await store.stat(DIGEST)
+
+
+async def test_disk_descriptor_service_reports_what_is_on_disk(store: DiskBlobStore) -> None:
+    service = DiskDescriptorService(store)
+    with pytest.raises(BlobUnknown):
+        await service.stat(DIGEST)
+    await store.put(DIGEST, DATA)
+    assert await service.stat(DIGEST) == Descriptor(DIGEST, len(DATA))
+    # clear() forgets nothing: removing content is eviction's job.
+    await service.clear(DIGEST)
+    assert (await service.stat(DIGEST)).size == len(DATA)
+
+
+async def test_used_bytes_follow_commits_and_deletes(store: DiskBlobStore) -> None:
+    other = b"another blob"
+    assert store.used_bytes == 0
+    await store.put(DIGEST, DATA)
+    await store.put(DIGEST, DATA)  # the same content again replaces, never double-counts
+    await store.put(Digest.of(other), other)
+    assert store.used_bytes == len(DATA) + len(other)
+
+    await store.delete(DIGEST)
+    await store.delete(DIGEST)
+    assert store.used_bytes == len(other)
+
+
+async def test_open_store_counts_what_is_stored(store: DiskBlobStore) -> None:
+    await store.put(DIGEST, DATA)
+    reopened = DiskBlobStore(store.root)
+    reopened.open_store()
+    assert reopened.used_bytes == len(DATA)
+    assert reopened.list_committed()[0][0] == DIGEST
+
+
+async def test_on_commit_hook_runs_after_each_commit(store: DiskBlobStore) -> None:
+    commits: list[int] = []
+    store.on_commit = lambda: commits.append(store.used_bytes)
+    await store.put(DIGEST, DATA)
+    with pytest.raises(DigestMismatch):
+        await store.put(DIGEST, b"wrong")
+    assert commits == [len(DATA)]

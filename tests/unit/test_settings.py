@@ -1,0 +1,565 @@
+"""Settings: the YAML shape, durations, precedence, and errors that name their key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.settings import (
+    DEFAULT_DOCKERHUB_ALIASES,
+    DEFAULT_LISTEN,
+    DEFAULT_TAG_TTL,
+    DEFAULT_UPSTREAM_NAME,
+    DEFAULT_UPSTREAM_URL,
+    ConfigError,
+    Settings,
+    UpstreamSettings,
+    load_settings,
+    parse_duration,
+    parse_listen,
+)
+
+SECRET = "s3cr3t-Pa55word"
+
+ISSUE_YAML = """\
+listen: 127.0.0.1:5001
+log_level: debug
+cache:
+  dir: {cache_dir}
+  redis: redis://localhost:6379/0
+upstreams:
+  - name: dockerhub
+    url: https://registry-1.docker.io
+    aliases: [docker.io, index.docker.io]
+    default: true
+    tag_ttl: 5m
+    username: me
+    password_env: DOCKERHUB_TOKEN
+  - name: ghcr
+    url: https://ghcr.io
+    tag_ttl: 90s
+  - name: private
+    url: http://registry.internal:5000
+    aliases: [registry.local]
+    tag_ttl: 7d
+    username: ci
+    password_file: {password_file}
+"""
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def upstream(**item: Any) -> dict[str, Any]:
+    """A valid upstream item, with ``item`` replacing or adding keys."""
+    return {"name": "up", "url": "http://127.0.0.1:5001", **item}
+
+
+def config_error(
+    data: dict[str, Any],
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping(data, environ=environ or {}, overrides=overrides)
+    return info.value
+
+
+@pytest.fixture
+def issue_config(tmp_path: Path) -> Path:
+    password_file = tmp_path / "private-password"
+    password_file.write_text(SECRET + "\n", encoding="utf-8")
+    return write_config(
+        tmp_path,
+        ISSUE_YAML.format(cache_dir=tmp_path / "cache", password_file=password_file),
+    )
+
+
+# --- the YAML shape ------------------------------------------------------------------
+
+
+def test_issue_yaml_is_parsed(issue_config: Path, tmp_path: Path) -> None:
+    settings = load_settings(issue_config, environ={"DOCKERHUB_TOKEN": "hub-token"})
+
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 5001)
+    assert settings.log_level == "debug"
+    assert settings.cache_dir == tmp_path / "cache"
+    assert settings.redis_url == "redis://localhost:6379/0"
+    hub, ghcr, private = settings.upstreams
+    assert hub == UpstreamSettings(
+        name="dockerhub",
+        url="https://registry-1.docker.io",
+        aliases=("docker.io", "index.docker.io"),
+        default=True,
+        tag_ttl=300.0,
+        username="me",
+        password="hub-token",
+        password_env="DOCKERHUB_TOKEN",
+    )
+    assert (ghcr.name, ghcr.url, ghcr.tag_ttl, ghcr.default) == (
+        "ghcr",
+        "https://ghcr.io",
+        90.0,
+        False,
+    )
+    assert ghcr.username is None and ghcr.password is None
+    assert private.tag_ttl == 7 * 86400
+    assert (private.username, private.password) == ("ci", SECRET)
+    assert settings.default_upstream is hub
+
+
+def test_namespaces_are_url_host_and_aliases_lower_cased() -> None:
+    settings = Settings.from_mapping(
+        {"upstreams": [upstream(url="http://Registry.Example:5001", aliases=["Mirror.Example"])]},
+        environ={},
+    )
+    assert settings.upstreams[0].host == "registry.example:5001"
+    assert settings.upstreams[0].namespaces() == {"registry.example:5001", "mirror.example"}
+
+
+def test_url_trailing_slash_is_dropped() -> None:
+    settings = Settings.from_mapping({"upstreams": [upstream(url="https://ghcr.io/")]}, environ={})
+    assert settings.upstreams[0].url == "https://ghcr.io"
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings(None, environ={})
+    assert (settings.listen_host, settings.listen_port) == parse_listen(DEFAULT_LISTEN, "listen")
+    assert settings.redis_url is None
+    assert settings.log_level == "info"
+    (hub,) = settings.upstreams
+    assert hub.name == DEFAULT_UPSTREAM_NAME
+    assert hub.url == DEFAULT_UPSTREAM_URL
+    assert hub.aliases == DEFAULT_DOCKERHUB_ALIASES
+    assert hub.default is True
+    assert hub.tag_ttl == DEFAULT_TAG_TTL
+
+
+def test_an_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_settings(write_config(tmp_path, ""), environ={}) == load_settings(None, environ={})
+
+
+def test_a_single_upstream_becomes_the_default() -> None:
+    settings = Settings.from_mapping({"upstreams": [upstream()]}, environ={})
+    assert settings.upstreams[0].default is True
+
+
+def test_two_upstreams_without_default_have_none() -> None:
+    settings = Settings.from_mapping(
+        {"upstreams": [upstream(name="a"), upstream(name="b", url="http://127.0.0.1:5002")]},
+        environ={},
+    )
+    assert settings.default_upstream is None
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None, environ={})
+    with pytest.raises(AttributeError):
+        settings.log_level = "debug"  # type: ignore[misc]
+
+
+# --- durations ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (300, 300.0),
+        (2.5, 2.5),
+        ("300", 300.0),
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("7d", 604800.0),
+        ("500ms", 0.5),
+        (" 5m ", 300.0),
+        (0, 0.0),
+    ],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value, "some.key") == seconds
+
+
+@pytest.mark.parametrize(
+    "value", ["5 minutes", "5w", "-5", "-5m", "", "m", "1e3", True, None, [5], {"m": 5}, -1]
+)
+def test_bad_duration_names_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration(value, "upstreams[3].tag_ttl")
+    assert info.value.key == "upstreams[3].tag_ttl"
+
+
+def test_nan_duration_is_refused() -> None:
+    # YAML's `.nan` reaches parse_duration as a float; a NaN TTL makes every
+    # comparison false (a tag is never fresh), which no operator means.
+    with pytest.raises(ConfigError):
+        parse_duration(float("nan"), "upstreams[0].tag_ttl")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("300", 300.0), ("90s", 90.0), ("7d", 604800.0)])
+def test_tag_ttl_from_yaml(tmp_path: Path, text: str, seconds: float) -> None:
+    path = write_config(
+        tmp_path,
+        f"""\
+        upstreams:
+          - name: up
+            url: http://127.0.0.1:5001
+            tag_ttl: {text}
+        """,
+    )
+    assert load_settings(path, environ={}).upstreams[0].tag_ttl == seconds
+
+
+# --- precedence: defaults < file < environment < overrides ---------------------------
+
+
+@pytest.fixture
+def precedence_file(tmp_path: Path) -> Path:
+    return write_config(
+        tmp_path,
+        """\
+        listen: 127.0.0.1:5001
+        log_level: warning
+        cache:
+          dir: /from/file
+          redis: redis://file:6379/0
+        upstreams:
+          - name: up
+            url: http://127.0.0.1:7001
+            tag_ttl: 1m
+        """,
+    )
+
+
+def test_file_overrides_defaults(precedence_file: Path) -> None:
+    settings = load_settings(precedence_file, environ={})
+    assert settings.listen_port == 5001
+    assert settings.log_level == "warning"
+    assert settings.cache_dir == Path("/from/file")
+    assert settings.redis_url == "redis://file:6379/0"
+    assert settings.upstreams[0].url == "http://127.0.0.1:7001"
+    assert settings.upstreams[0].tag_ttl == 60.0
+
+
+ENV = {
+    "REGISTRY_PROXY_LISTEN": "127.0.0.1:5002",
+    "REGISTRY_PROXY_LOG_LEVEL": "ERROR",
+    "REGISTRY_PROXY_CACHE_DIR": "/from/env",
+    "REGISTRY_PROXY_REDIS": "redis://env:6379/0",
+    "REGISTRY_PROXY_UPSTREAM": "http://127.0.0.1:7002",
+    "REGISTRY_PROXY_TAG_TTL": "2m",
+}
+
+
+def test_environment_overrides_file(precedence_file: Path) -> None:
+    settings = load_settings(precedence_file, environ=ENV)
+    assert settings.listen_port == 5002
+    assert settings.log_level == "error"
+    assert settings.cache_dir == Path("/from/env")
+    assert settings.redis_url == "redis://env:6379/0"
+    assert settings.upstreams[0].url == "http://127.0.0.1:7002"
+    assert settings.upstreams[0].name == "up"
+    assert settings.upstreams[0].tag_ttl == 120.0
+
+
+def test_overrides_beat_environment(precedence_file: Path) -> None:
+    overrides = {
+        "listen": "127.0.0.1:5003",
+        "log_level": "debug",
+        "cache_dir": "/from/flag",
+        "redis": "redis://flag:6379/0",
+        "upstream": "http://127.0.0.1:7003",
+        "tag_ttl": "3m",
+    }
+    settings = load_settings(precedence_file, environ=ENV, overrides=overrides)
+    assert settings.listen_port == 5003
+    assert settings.log_level == "debug"
+    assert settings.cache_dir == Path("/from/flag")
+    assert settings.redis_url == "redis://flag:6379/0"
+    assert settings.upstreams[0].url == "http://127.0.0.1:7003"
+    assert settings.upstreams[0].tag_ttl == 180.0
+
+
+def test_none_overrides_and_empty_environment_values_are_ignored(precedence_file: Path) -> None:
+    settings = load_settings(
+        precedence_file,
+        environ={"REGISTRY_PROXY_LISTEN": ""},
+        overrides={"listen": None, "log_level": None},
+    )
+    assert settings.listen_port == 5001
+    assert settings.log_level == "warning"
+
+
+def test_environment_is_read_from_os_environ_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REGISTRY_PROXY_LISTEN", "127.0.0.1:5009")
+    assert load_settings(None).listen_port == 5009
+
+
+def test_upstream_override_on_builtin_default_drops_docker_hub_aliases() -> None:
+    settings = Settings.from_mapping({}, environ={}, overrides={"upstream": "http://10.0.0.1:5000"})
+    (up,) = settings.upstreams
+    assert up.url == "http://10.0.0.1:5000"
+    assert up.default is True
+    assert up.aliases == ()
+    assert up.name != DEFAULT_UPSTREAM_NAME
+    assert up.namespaces() == {"10.0.0.1:5000"}
+    assert not up.namespaces() & {"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+
+def test_upstream_override_with_docker_hub_url_keeps_docker_hub() -> None:
+    settings = Settings.from_mapping({}, environ={}, overrides={"upstream": DEFAULT_UPSTREAM_URL})
+    (up,) = settings.upstreams
+    assert up.name == DEFAULT_UPSTREAM_NAME
+    assert up.aliases == DEFAULT_DOCKERHUB_ALIASES
+
+
+def test_upstream_override_on_configured_upstreams_only_moves_the_default() -> None:
+    data = {
+        "upstreams": [
+            upstream(name="a", url="http://127.0.0.1:5001", aliases=["a.example"], default=True),
+            upstream(name="b", url="http://127.0.0.1:5002"),
+        ]
+    }
+    settings = Settings.from_mapping(data, environ={}, overrides={"upstream": "http://10.0.0.9"})
+    a, b = settings.upstreams
+    assert (a.name, a.url, a.aliases) == ("a", "http://10.0.0.9", ("a.example",))
+    assert b.url == "http://127.0.0.1:5002"
+
+
+def test_upstream_override_from_environment_drops_docker_hub_aliases() -> None:
+    settings = Settings.from_mapping(
+        {}, environ={"REGISTRY_PROXY_UPSTREAM": "http://127.0.0.1:5000"}
+    )
+    assert settings.upstreams[0].aliases == ()
+
+
+# --- every bad value names its key --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"listne": "x"}, "listne"),
+        ({"cache": {"dri": "/x"}}, "cache.dri"),
+        ({"cache": "/x"}, "cache"),
+        ({"upstreams": [upstream(pasword="x")]}, "upstreams[0].pasword"),
+        ({"listen": "5000"}, "listen"),
+        ({"listen": "host:http"}, "listen"),
+        ({"listen": "host:70000"}, "listen"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"cache": {"dir": ""}}, "cache.dir"),
+        ({"cache": {"redis": "http://localhost:6379"}}, "cache.redis"),
+        ({"cache": {"redis": "localhost:6379"}}, "cache.redis"),
+        ({"cache": {"memory_entries": 0}}, "cache.memory_entries"),
+        ({"cache": {"memory_entries": True}}, "cache.memory_entries"),
+        ({"upstreams": []}, "upstreams"),
+        ({"upstreams": {"name": "up"}}, "upstreams"),
+        ({"upstreams": ["http://x"]}, "upstreams[0]"),
+        ({"upstreams": [upstream(name="Docker Hub")]}, "upstreams[0].name"),
+        ({"upstreams": [upstream(name=None)]}, "upstreams[0].name"),
+        ({"upstreams": [upstream(url="ftp://example.com")]}, "upstreams[0].url"),
+        ({"upstreams": [upstream(url="example.com")]}, "upstreams[0].url"),
+        ({"upstreams": [upstream(url="https://example.com/v2")]}, "upstreams[0].url"),
+        ({"upstreams": [upstream(url="https://u:p@example.com")]}, "upstreams[0].url"),
+        ({"upstreams": [upstream(url=5)]}, "upstreams[0].url"),
+        ({"upstreams": [upstream(aliases="docker.io")]}, "upstreams[0].aliases"),
+        ({"upstreams": [upstream(aliases=[""])]}, "upstreams[0].aliases"),
+        ({"upstreams": [upstream(default="yes")]}, "upstreams[0].default"),
+        ({"upstreams": [upstream(tag_ttl="soon")]}, "upstreams[0].tag_ttl"),
+        ({"upstreams": [upstream(read_timeout="-1s")]}, "upstreams[0].read_timeout"),
+        ({"upstreams": [upstream(username=7)]}, "upstreams[0].username"),
+        ({"upstreams": [upstream(password="x")]}, "upstreams[0].username"),
+        (
+            {"upstreams": [upstream(username="u", password="x", password_env="Y")]},
+            "upstreams[0].password_env",
+        ),
+        (
+            {
+                "upstreams": [
+                    upstream(name="a"),
+                    upstream(name="a", url="http://127.0.0.1:5002"),
+                ]
+            },
+            "upstreams[1].name",
+        ),
+        (
+            {
+                "upstreams": [
+                    upstream(name="a", aliases=["mirror.example"]),
+                    upstream(name="b", url="http://127.0.0.1:5002", aliases=["Mirror.Example"]),
+                ]
+            },
+            "upstreams[1].aliases",
+        ),
+        (
+            {
+                "upstreams": [
+                    upstream(name="a", url="http://127.0.0.1:5001"),
+                    upstream(name="b", url="http://127.0.0.1:5002", aliases=["127.0.0.1:5001"]),
+                ]
+            },
+            "upstreams[1].aliases",
+        ),
+        (
+            {
+                "upstreams": [
+                    upstream(name="a", default=True),
+                    upstream(name="b", url="http://127.0.0.1:5002", default=True),
+                ]
+            },
+            "upstreams",
+        ),
+    ],
+)
+def test_bad_file_value_names_the_dotted_key(data: dict[str, Any], key: str) -> None:
+    error = config_error(data)
+    assert error.key == key
+    assert str(error).startswith(key + ":")
+    assert isinstance(error, ValueError)
+
+
+def test_upstream_name_with_trailing_newline_is_refused() -> None:
+    # `$` in _UPSTREAM_NAME matches before a final newline.
+    error = config_error({"upstreams": [upstream(name="dockerhub\n")]})
+    assert error.key == "upstreams[0].name"
+
+
+def test_missing_password_env_variable_names_the_key_and_variable() -> None:
+    error = config_error(
+        {"upstreams": [upstream(username="u", password_env="UPSTREAM_PASSWORD")]},
+        environ={"OTHER": "x"},
+    )
+    assert error.key == "upstreams[0].password_env"
+    assert "UPSTREAM_PASSWORD" in error.message
+
+
+def test_password_env_is_read_from_environ() -> None:
+    settings = Settings.from_mapping(
+        {"upstreams": [upstream(username="u", password_env="UPSTREAM_PASSWORD")]},
+        environ={"UPSTREAM_PASSWORD": SECRET},
+    )
+    assert settings.upstreams[0].password == SECRET
+
+
+def test_unreadable_password_file_names_the_key(tmp_path: Path) -> None:
+    error = config_error(
+        {"upstreams": [upstream(username="u", password_file=str(tmp_path / "missing"))]}
+    )
+    assert error.key == "upstreams[0].password_file"
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"REGISTRY_PROXY_LOG_LEVEL": "loud"}, "REGISTRY_PROXY_LOG_LEVEL"),
+        ({"REGISTRY_PROXY_LISTEN": "nowhere"}, "REGISTRY_PROXY_LISTEN"),
+        ({"REGISTRY_PROXY_REDIS": "memcached://x"}, "REGISTRY_PROXY_REDIS"),
+        ({"REGISTRY_PROXY_TAG_TTL": "forever"}, "REGISTRY_PROXY_TAG_TTL"),
+        ({"REGISTRY_PROXY_UPSTREAM": "registry.example"}, "REGISTRY_PROXY_UPSTREAM"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(environ: dict[str, str], key: str) -> None:
+    assert config_error({}, environ=environ).key == key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"log_level": "loud"}, "--log-level"),
+        ({"listen": "nowhere"}, "--listen"),
+        ({"redis": "memcached://x"}, "--redis"),
+        ({"tag_ttl": "forever"}, "--tag-ttl"),
+        ({"upstream": "registry.example"}, "--upstream"),
+        ({"cache_dir": ""}, "--cache-dir"),
+    ],
+)
+def test_bad_override_names_the_flag(overrides: dict[str, Any], key: str) -> None:
+    assert config_error({}, overrides=overrides).key == key
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("listen: [unclosed", "--config"), ("- a\n- b\n", "--config")],
+)
+def test_bad_file_names_the_config_flag(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_config(tmp_path, text), environ={})
+    assert info.value.key == key
+
+
+def test_missing_file_names_the_config_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "absent.yaml", environ={})
+    assert info.value.key == "--config"
+
+
+# --- secrets ---------------------------------------------------------------------------
+
+
+def test_password_is_never_in_to_dict_or_repr(issue_config: Path) -> None:
+    settings = load_settings(issue_config, environ={"DOCKERHUB_TOKEN": SECRET})
+    assert settings.upstreams[0].password == SECRET
+    assert settings.upstreams[2].password == SECRET
+
+    dumped = yaml.safe_dump(settings.to_dict())
+    assert SECRET not in dumped
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+    for up in settings.upstreams:
+        assert SECRET not in repr(up)
+        assert SECRET not in str(up.to_dict())
+    # What is configured is still visible, minus the secret itself.
+    hub = settings.to_dict()["upstreams"][0]
+    assert hub["password_env"] == "DOCKERHUB_TOKEN"
+    assert hub["password"] == "<redacted>"
+    assert hub["username"] == "me"
+
+
+def test_inline_password_is_redacted() -> None:
+    settings = Settings.from_mapping(
+        {"upstreams": [upstream(username="u", password=SECRET)]}, environ={}
+    )
+    assert SECRET not in repr(settings)
+    assert SECRET not in yaml.safe_dump(settings.to_dict())
+
+
+def test_redis_password_is_redacted_in_to_dict() -> None:
+    settings = Settings.from_mapping(
+        {"cache": {"redis": f"redis://user:{SECRET}@redis.internal:6379/0"}}, environ={}
+    )
+    assert settings.redis_url == f"redis://user:{SECRET}@redis.internal:6379/0"
+    assert settings.to_dict()["cache"]["redis"] == "redis://user:<redacted>@redis.internal:6379/0"
+
+
+def test_redis_password_is_not_in_repr() -> None:
+    settings = Settings.from_mapping(
+        {"cache": {"redis": f"redis://:{SECRET}@redis.internal:6379/0"}}, environ={}
+    )
+    assert SECRET not in repr(settings)
+
+
+def test_to_dict_round_trips_through_from_mapping(tmp_path: Path) -> None:
+    settings = Settings.from_mapping(
+        {
+            "listen": "[::1]:5005",
+            "log_level": "warning",
+            "cache": {"dir": str(tmp_path), "memory_entries": 10},
+            "upstreams": [
+                upstream(name="a", aliases=["a.example"], tag_ttl="90s", default=True),
+                upstream(name="b", url="https://ghcr.io"),
+            ],
+        },
+        environ={},
+    )
+    assert settings.to_dict()["listen"] == "[::1]:5005"
+    assert Settings.from_mapping(settings.to_dict(), environ={}) == settings
