@@ -86,9 +86,12 @@ class Breaker:
     def allow(self) -> bool:
         if self.state == CLOSED:
             return True
-        if self.state == OPEN and self._clock() - self._opened_at >= self._cooldown:
+        if self._clock() - self._opened_at >= self._cooldown:
+            # This caller probes; others keep skipping until it reports. A probe that
+            # never reports (cancelled) is replaced by another after one more cool-down.
+            self._opened_at = self._clock()
             self._set(HALF_OPEN)
-            return True  # this caller probes; others keep skipping until it reports
+            return True
         return False
 
     def success(self) -> None:

@@ -102,11 +102,16 @@ class ProxyManifestService:
         entry = await self._tags.get(self._settings.name, repo, tag_key(tag, accept))
         if entry is not None and accepts(accept, entry.media_type):
             local = await self._store.get(entry.digest)
+            age = self._clock() - entry.fetched_at
+            fresh = age < self._settings.tag_ttl or self._upstream.health.budget_low()
+            if local is not None and fresh:
+                return ManifestResult(local, HIT)
             if local is not None:
-                age = self._clock() - entry.fetched_at
-                if age < self._settings.tag_ttl or self._upstream.health.budget_low():
-                    return ManifestResult(local, HIT)
                 return await self._revalidate(repo, tag, accept, entry, local, age)
+            if fresh:
+                # Another replica resolved the tag (shared Redis) but this disk lacks the
+                # manifest: fetch what the tag points to by digest, so the replicas agree.
+                return await self._get_by_digest(repo, entry.digest, accept)
         self._upstream.health.refuse_cold_pull()
         key = ("tag", repo, tag, _accept_key(accept))
         manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))

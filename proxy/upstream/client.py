@@ -359,7 +359,13 @@ class UpstreamClient:
             if resp.status == 206 and _range_start(resp.headers) == offset:
                 return resp
             if resp.status == 200:
-                await resp.content.readexactly(offset)  # no range support: skip what we have
+                # No Range support: skip what we have, in bounded chunks (never buffered).
+                remaining = offset
+                while remaining:
+                    chunk = await resp.content.read(min(BLOB_CHUNK, remaining))
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(b"", remaining)
+                    remaining -= len(chunk)
                 return resp
             raise UpstreamError(f"upstream answered {resp.status} to a resumed blob fetch")
         except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:

@@ -72,7 +72,6 @@ class UpstreamHealth:
         self.state = UP
         self.last_error: str | None = None
         self.budget: Budget | None = None
-        self._probe_pending = False
         metrics.UPSTREAM_UP.labels(name).set(1)
 
     # Breaker -----------------------------------------------------------------------
@@ -84,12 +83,12 @@ class UpstreamHealth:
         """Raise UpstreamUnavailable at once while the breaker is open."""
         if self.state == UP:
             return
-        if self.state == DOWN and self._clock() - self._opened_at >= self._cooldown:
+        if self._clock() - self._opened_at >= self._cooldown:
+            # This caller probes; the others are refused until it reports. A probe that
+            # never reports (cancelled, failed before a response) is replaced by another
+            # after one more cool-down.
+            self._opened_at = self._clock()
             self._set(PROBING)
-            self._probe_pending = True
-            return
-        if self.state == PROBING and self._probe_pending:
-            self._probe_pending = False  # this caller is the probe
             return
         raise UpstreamUnavailable(
             f"upstream {self.name} is down ({self.last_error or 'unreachable'}); "
