@@ -24,6 +24,12 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=LATENCY_BUCKETS,
 )
+CACHE_RESPONSES = Counter(
+    PREFIX + "cache_responses_total",
+    "Client responses by route and cache outcome (hit, miss, coalesced, revalidated, stale, "
+    "denied, error, none): the per-request view of the cache",
+    ["route", "outcome"],
+)
 CACHE_LOOKUPS = Counter(
     PREFIX + "cache_lookups_total",
     "Cache look-ups by kind (blob|manifest|tag), layer (memory|redis|disk) and result "
@@ -136,4 +142,6 @@ UPSTREAM_RETRIES = Counter(
 
 
 def status_class(status: int) -> str:
-    return f"{status // 100}xx"
+    """``2xx``, ``4xx``...; 429 keeps its own value, since throttling is not a client error
+    an operator can ignore."""
+    return "429" if status == 429 else f"{status // 100}xx"

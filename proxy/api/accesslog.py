@@ -7,21 +7,9 @@ import logging
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY
+from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY, outcome
 
 log = logging.getLogger("proxy.access")
-
-
-def outcome(response: StreamResponse) -> str:
-    """hit, miss, coalesced, revalidated, stale (from X-Cache), denied, error or -."""
-    cache = response.headers.get("X-Cache")
-    if cache:
-        return cache.lower()
-    if response.status in (401, 403):
-        return "denied"
-    if response.status >= 500:
-        return "error"
-    return "-"
 
 
 class AccessLogger(AbstractAccessLogger):

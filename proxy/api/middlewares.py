@@ -24,6 +24,7 @@ ROUTE_KEY = web.RequestKey("route", str)
 ETAG_KEY = web.RequestKey("etag", str)
 UPSTREAM_KEY = web.RequestKey("upstream", str)
 NAMESPACE_KEY = web.RequestKey("namespace", str)
+CACHED_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
 
 
 def error_response(
@@ -63,18 +64,33 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "UNKNOWN", "internal error")
 
 
+def outcome(response: web.StreamResponse) -> str:
+    """hit, miss, coalesced, revalidated, stale (from X-Cache), denied, error or none."""
+    cache = response.headers.get("X-Cache")
+    if cache:
+        return cache.lower()
+    if response.status in (401, 403):
+        return "denied"
+    if response.status >= 500:
+        return "error"
+    return "none"
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
-    status = 500
+    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
-        status = response.status
         return response
     finally:
         route = request.get(ROUTE_KEY, "other")
+        status = response.status if response is not None else 500
         metrics.REQUESTS.labels(route, request.method, metrics.status_class(status)).inc()
         metrics.REQUEST_SECONDS.labels(route).observe(time.monotonic() - started)
+        if route in CACHED_ROUTES:
+            kind = outcome(response) if response is not None else "error"
+            metrics.CACHE_RESPONSES.labels(route, kind).inc()
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:

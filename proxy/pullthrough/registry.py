@@ -134,6 +134,7 @@ class PullThroughRegistry:
             await asyncio.to_thread(self.state.open)
         if self.evictor is not None:
             self.evictor.maybe_start()
+        _precreate_series([up.name for up in self.settings.upstreams])
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
             manifests = ProxyManifestService(
@@ -178,3 +179,18 @@ class PullThroughRegistry:
         client = self.upstreams[upstream.name].client
         chain = build_repository_chain(self.descriptors, self.links, client, repo, self.middleware)
         return ProxyBlobStore(client, repo, self.store, chain, self.links, self.inflight)
+
+
+def _precreate_series(upstreams: list[str]) -> None:
+    """Create every labelled series at 0, so dashboards show 0 rather than "no data" and
+    ``increase()`` sees the first event."""
+    for name in upstreams:
+        metrics.STALE_SERVES.labels(name)
+        metrics.UPSTREAM_BYTES.labels(name)
+        for kind in ("request", "resume"):
+            metrics.UPSTREAM_RETRIES.labels(name, kind)
+    for kind in ("blob", "manifest", "tags", "referrers"):
+        metrics.COALESCED.labels(kind)
+    for route in ("manifest", "blob", "tags", "referrers"):
+        for result in ("hit", "miss", "coalesced", "revalidated", "stale", "error"):
+            metrics.CACHE_RESPONSES.labels(route, result)
