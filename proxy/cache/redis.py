@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy import metrics
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.errors import BlobUnknown, RegistryError
 from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
 from proxy.model import Descriptor, Digest
@@ -50,8 +51,6 @@ BREAKER_FAILURES = 3
 BREAKER_COOLDOWN = 5.0
 LOG_INTERVAL = 30.0
 
-CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-
 
 def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Redis:
     """A client with short timeouts and no retries of its own: the breaker decides."""
@@ -65,8 +64,19 @@ def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Re
     )
 
 
-class Breaker:
-    """Consecutive-failure circuit breaker with a cool-down and a half-open probe."""
+_STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+
+def _state_changed(old: str, new: str) -> None:
+    metrics.REDIS_BREAKER_STATE.set(_STATE_VALUES[new])
+    if new == OPEN and old == CLOSED:
+        log.warning("redis breaker open: skipping redis for a cool-down")
+    elif new == CLOSED:
+        log.info("redis is reachable again; using it")
+
+
+class RedisBreaker(Breaker):
+    """The breaker with Redis's defaults, reporting to ``redis_breaker_state``."""
 
     def __init__(
         self,
@@ -75,42 +85,10 @@ class Breaker:
         cooldown: float = BREAKER_COOLDOWN,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._threshold = failures
-        self._cooldown = cooldown
-        self._clock = clock
-        self._failures = 0
-        self._opened_at = 0.0
-        self.state = CLOSED
-        metrics.REDIS_BREAKER_STATE.set(CLOSED)
-
-    def allow(self) -> bool:
-        if self.state == CLOSED:
-            return True
-        if self._clock() - self._opened_at >= self._cooldown:
-            # This caller probes; others keep skipping until it reports. A probe that
-            # never reports (cancelled) is replaced by another after one more cool-down.
-            self._opened_at = self._clock()
-            self._set(HALF_OPEN)
-            return True
-        return False
-
-    def success(self) -> None:
-        self._failures = 0
-        if self.state != CLOSED:
-            log.info("redis is reachable again; using it")
-            self._set(CLOSED)
-
-    def failure(self) -> None:
-        self._failures += 1
-        if self.state == HALF_OPEN or self._failures >= self._threshold:
-            if self.state != OPEN:
-                log.warning("redis breaker open: skipping redis for %.0fs", self._cooldown)
-            self._opened_at = self._clock()
-            self._set(OPEN)
-
-    def _set(self, state: int) -> None:
-        self.state = state
-        metrics.REDIS_BREAKER_STATE.set(state)
+        super().__init__(
+            failures=failures, cooldown=cooldown, clock=clock, on_change=_state_changed
+        )
+        metrics.REDIS_BREAKER_STATE.set(0)
 
 
 class RedisLayer:
@@ -126,7 +104,7 @@ class RedisLayer:
     ) -> None:
         self.client = client
         self.prefix = f"{prefix}:{KEY_VERSION}"
-        self.breaker = breaker or Breaker(clock=clock)
+        self.breaker = breaker or RedisBreaker(clock=clock)
         self._clock = clock
         self._last_log = -LOG_INTERVAL
 

@@ -1,11 +1,11 @@
 """What the proxy knows of an upstream's health and pull budget.
 
-Breaker: every request that gets no usable answer (refused, timed out, 5xx) counts as a
-failure; any other answer is a success and resets the count. After ``failures``
-consecutive failures the breaker opens for ``cooldown`` seconds: requests are refused at
-once with ``UpstreamUnavailable`` (503 + Retry-After) instead of waiting on a dead
-upstream, so whatever the cache can answer is answered without delay. After the
-cool-down one request probes (half-open); its outcome closes or re-opens the breaker.
+Breaker (``proxy.breaker``): every request that gets no usable answer (refused, timed
+out, 5xx) counts as a failure; any other answer is a success and resets the count. After
+``failures`` consecutive failures the upstream is marked down for ``cooldown`` seconds:
+requests are refused at once with ``UpstreamUnavailable`` (503 + Retry-After) instead of
+waiting on a dead upstream, so whatever the cache can answer is answered without delay.
+Then one request probes; its outcome marks the upstream up or down again.
 
 Budget: Docker Hub (and registries copying it) send ``ratelimit-limit: 100;w=21600`` and
 ``ratelimit-remaining: 76;w=21600``. The latest values are kept (and exported as gauges).
@@ -24,12 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy import metrics
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.errors import TooManyRequests, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 UP, DOWN, PROBING = "up", "down", "probing"
-_STATE_VALUES = {UP: 0, DOWN: 1, PROBING: 2}
+_STATES = {CLOSED: UP, OPEN: DOWN, HALF_OPEN: PROBING}
 _RATELIMIT = re.compile(r"^\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
 DEFAULT_WINDOW = 21600.0
 
@@ -63,63 +64,45 @@ class UpstreamHealth:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self._threshold = failures
-        self._cooldown = cooldown
         self._floor = budget_floor
         self._clock = clock
-        self._failures = 0
-        self._opened_at = 0.0
-        self.state = UP
+        self._breaker = Breaker(
+            failures=failures, cooldown=cooldown, clock=clock, on_change=self._changed
+        )
         self.last_error: str | None = None
         self.budget: Budget | None = None
         metrics.UPSTREAM_UP.labels(name).set(1)
 
     # Breaker -----------------------------------------------------------------------
 
-    def retry_after(self) -> int:
-        return max(1, int(self._cooldown - (self._clock() - self._opened_at) + 0.999))
+    @property
+    def state(self) -> str:
+        """up, down or probing."""
+        return _STATES[self._breaker.state]
 
     def check(self) -> None:
-        """Raise UpstreamUnavailable at once while the breaker is open."""
-        if self.state == UP:
-            return
-        if self._clock() - self._opened_at >= self._cooldown:
-            # This caller probes; the others are refused until it reports. A probe that
-            # never reports (cancelled, failed before a response) is replaced by another
-            # after one more cool-down.
-            self._opened_at = self._clock()
-            self._set(PROBING)
+        """Raise UpstreamUnavailable at once while the upstream is marked down."""
+        if self._breaker.allow():
             return
         raise UpstreamUnavailable(
             f"upstream {self.name} is down ({self.last_error or 'unreachable'}); "
             "not asking it until it has had a rest",
-            headers={"Retry-After": str(self.retry_after())},
+            headers={"Retry-After": str(self._breaker.retry_after())},
         )
 
     def success(self) -> None:
-        self._failures = 0
-        if self.state != UP:
-            log.info("upstream %s is reachable again", self.name)
-            self._set(UP)
+        self._breaker.success()
 
     def failure(self, reason: str) -> None:
-        self._failures += 1
         self.last_error = reason
-        if self.state == PROBING or self._failures >= self._threshold:
-            if self.state != DOWN:
-                log.warning(
-                    "upstream %s marked down after %d failures (%s); cooling down %.0fs",
-                    self.name,
-                    self._failures,
-                    reason,
-                    self._cooldown,
-                )
-            self._opened_at = self._clock()
-            self._set(DOWN)
+        self._breaker.failure()
 
-    def _set(self, state: str) -> None:
-        self.state = state
-        metrics.UPSTREAM_UP.labels(self.name).set(1 if state == UP else 0)
+    def _changed(self, old: str, new: str) -> None:
+        metrics.UPSTREAM_UP.labels(self.name).set(1 if new == CLOSED else 0)
+        if new == OPEN and old == CLOSED:
+            log.warning("upstream %s marked down (%s)", self.name, self.last_error)
+        elif new == CLOSED:
+            log.info("upstream %s is reachable again", self.name)
 
     # Budget ------------------------------------------------------------------------
 

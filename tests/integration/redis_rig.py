@@ -195,7 +195,7 @@ async def start_redis_proxy(
     """
     from proxy.api.handlers import REGISTRY_KEY
     from proxy.app import create_app
-    from proxy.cache.redis import Breaker
+    from proxy.cache.redis import RedisBreaker as Breaker
     from proxy.settings import Settings
 
     mapping = proxy_settings_mapping(upstream_url, cache_dir, tag_ttl=tag_ttl, **upstream)

@@ -33,12 +33,14 @@ from proxy.cache.redis import (
     HALF_OPEN,
     LINK_TTL,
     OPEN,
-    Breaker,
     RedisDescriptorCache,
     RedisLayer,
     RedisLinkStore,
     RedisTagStore,
     connect,
+)
+from proxy.cache.redis import (
+    RedisBreaker as Breaker,
 )
 from proxy.errors import BlobUnknown
 from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, TagEntry
@@ -403,7 +405,7 @@ async def test_redis_killed_mid_pulls_then_back_without_restarting_the_proxy(
 
     dead = await scrape(http, proxy.url)
     assert dead.delta(before, OPS, result="error") > 0
-    assert dead.value(BREAKER) == OPEN
+    assert dead.value(BREAKER) == 1  # the gauge: 0 closed, 1 open, 2 half-open
 
     redis_server.start()  # same port, empty
     async with redis_client(redis_server.url) as client:
@@ -452,7 +454,7 @@ async def test_hung_redis_adds_no_latency_once_the_breaker_is_open(
 
     async def breaker_open() -> bool:
         assert (await get_headers(http, url, "HEAD"))[0] == 200
-        return (await scrape(http, proxy.url)).value(BREAKER) == OPEN
+        return (await scrape(http, proxy.url)).value(BREAKER) == 1
 
     await async_wait_until(breaker_open, within=15, what="the breaker to open", interval=0)
     before = await scrape(http, proxy.url)
