@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
+from typing import BinaryIO
 
 from proxy import metrics
 from proxy.errors import UpstreamUnavailable
@@ -62,13 +63,15 @@ class BlobFetch:
         """Wait for the upstream's headers; raises the fetch's error if it failed first."""
         await asyncio.shield(self.ready)
 
-    async def read(self, offset: int = 0) -> AsyncIterator[bytes]:
-        """Yield the blob from ``offset`` as it is written; raises if the fetch fails.
+    async def spans(self, offset: int = 0) -> AsyncIterator[tuple[BinaryIO, int, int]]:
+        """Yield (file, offset, length) of the blob's bytes as they are written, from
+        ``offset`` to the end; raises the fetch's error if it fails.
 
-        Must be called after ``wait_ready``. The temp file is opened once: a later rename
-        (commit) or unlink (failure) does not affect an open descriptor.
+        The caller sends each span (``loop.sendfile``, or reads it) before asking for the
+        next. Must be called after ``wait_ready``. The temp file is opened once: a later
+        rename (commit) or unlink (failure) does not affect an open file.
         """
-        fd = self._open()
+        file = os.fdopen(self._open(), "rb", buffering=0)
         self.readers += 1
         metrics.INFLIGHT_READERS.inc()
         try:
@@ -80,12 +83,8 @@ class BlobFetch:
                 # never receives a complete body that turns out to be wrong.
                 available = self.written if finished else self.written - 1
                 if offset < available:
-                    length = min(READ_CHUNK, available - offset)
-                    data = await asyncio.to_thread(os.pread, fd, length, offset)
-                    if not data:
-                        raise UpstreamUnavailable("blob temp file shorter than announced")
-                    offset += len(data)
-                    yield data
+                    yield file, offset, available - offset
+                    offset = available
                     continue
                 if finished:
                     return
@@ -93,7 +92,21 @@ class BlobFetch:
         finally:
             self.readers -= 1
             metrics.INFLIGHT_READERS.dec()
-            os.close(fd)
+            file.close()
+
+    async def read(self, offset: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` as they are written, in chunks of at most
+        ``READ_CHUNK``; raises if the fetch fails (see ``spans``)."""
+        async for file, start, length in self.spans(offset):
+            end = start + length
+            while start < end:
+                data = await asyncio.to_thread(
+                    os.pread, file.fileno(), min(READ_CHUNK, end - start), start
+                )
+                if not data:
+                    raise UpstreamUnavailable("blob temp file shorter than announced")
+                start += len(data)
+                yield data
 
     def _open(self) -> int:
         assert self.temp_path is not None
