@@ -61,8 +61,15 @@ class BlobWriter(Protocol):
         """The growing temp file; readers may follow it while it is written."""
         ...
 
-    async def write(self, chunk: bytes) -> None:
-        """Append ``chunk`` and hash it."""
+    async def write(self, *chunks: bytes) -> None:
+        """Append ``chunks`` (in order) and hash them."""
+        ...
+
+    async def verify(self, expected: Descriptor) -> None:
+        """Check digest and size of what was written, without committing.
+
+        Raises ``DigestMismatch`` (and removes the temp file) when the bytes are wrong.
+        """
         ...
 
     async def commit(self, expected: Descriptor) -> Descriptor:

@@ -164,9 +164,7 @@ async def _stream_fetch(
                 await response.write(chunk)
                 served.inc(len(chunk))
     except RegistryError as exc:
-        log.warning(
-            "aborting blob response: %s", exc.message, extra={"digest": str(fetch.digest)}
-        )
+        log.warning("aborting blob response: %s", exc.message, extra={"digest": str(fetch.digest)})
         _abort(request, response)
         return response
     except (ConnectionError, RuntimeError):

@@ -62,8 +62,12 @@ class ProxyBlobStore:
 
         Raises BlobUnknown (this repository does not have it) and upstream errors.
         """
-        linked = await self._links.linked(self._upstream.name, self._repo, digest)
-        if not linked and (self._inflight.get(digest) or self._store.path(digest).exists()):
+        origin = (self._upstream.name, self._repo)
+        linked = await self._links.linked(*origin, digest)
+        inflight = self._inflight.get(digest)
+        # A fetch for this very repository proves it has the digest once it is ready.
+        proven = linked or (inflight is not None and inflight.origin == origin)
+        if not proven and (inflight is not None or self._store.path(digest).exists()):
             # Held for another repository: only the upstream can say this one has it.
             await self._descriptors.stat(digest)
             linked = True
@@ -78,7 +82,7 @@ class ProxyBlobStore:
                 touch(path, st.st_mtime, time.time())
                 return LocalBlob(Descriptor(digest, st.st_size), path)
         fetch, coalesced = self._inflight.join(
-            digest, lambda: self._upstream.open_blob(self._repo, digest)
+            digest, lambda: self._upstream.open_blob(self._repo, digest), origin
         )
         await fetch.wait_ready()
         if not linked:

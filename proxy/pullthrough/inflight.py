@@ -36,6 +36,7 @@ from proxy.storage.disk import DiskBlobStore
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+WRITE_BATCH = 1 << 20
 DEFAULT_FETCH_TIMEOUT = 3600.0
 
 BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
@@ -44,9 +45,12 @@ BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
 class BlobFetch:
     """State of one in-progress fetch, shared by its readers."""
 
-    def __init__(self, digest: Digest, store: DiskBlobStore) -> None:
+    def __init__(
+        self, digest: Digest, store: DiskBlobStore, origin: tuple[str, str] = ("", "")
+    ) -> None:
         self.digest = digest
         self._store = store
+        self.origin = origin
         self.size: int | None = None
         self.written = 0
         self.temp_path: os.PathLike[str] | None = None
@@ -54,6 +58,8 @@ class BlobFetch:
         self.done: asyncio.Future[Descriptor] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
         self.readers = 0
+        self.verified = False
+        """Digest and size checked: the whole body may go out (fsync and rename follow)."""
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -76,17 +82,17 @@ class BlobFetch:
         metrics.INFLIGHT_READERS.inc()
         try:
             while True:
-                finished = self.done.done()
-                if finished:
+                if self.done.done():
                     self.done.result()  # raises the fetch's error, if any
                 # The last byte is held back until the digest is verified, so a client
                 # never receives a complete body that turns out to be wrong.
-                available = self.written if finished else self.written - 1
+                complete = self.verified or self.done.done()
+                available = self.written if complete else self.written - 1
                 if offset < available:
                     yield file, offset, available - offset
                     offset = available
                     continue
-                if finished:
+                if complete:
                     return
                 await self._progress.wait()
         finally:
@@ -141,18 +147,28 @@ class InflightBlobFetches:
     def get(self, digest: Digest) -> BlobFetch | None:
         return self._fetches.get(digest)
 
-    def join(self, digest: Digest, opener: BlobOpener) -> tuple[BlobFetch, bool]:
-        """The fetch in progress for ``digest`` (and True), or a new one started (and False)."""
+    def join(
+        self, digest: Digest, opener: BlobOpener, origin: tuple[str, str] = ("", "")
+    ) -> tuple[BlobFetch, bool]:
+        """The fetch in progress for ``digest`` (and True), or a new one started with
+        ``opener`` (and False). ``origin`` (upstream, repository) is what the new fetch
+        asks upstream for; a joiner from elsewhere must prove its own access first."""
         fetch = self._fetches.get(digest)
         if fetch is not None:
             metrics.COALESCED.labels("blob").inc()
             return fetch, True
-        fetch = BlobFetch(digest, self._store)
+        fetch = BlobFetch(digest, self._store, origin)
         self._fetches[digest] = fetch
         task = asyncio.create_task(self._run(fetch, opener), name=f"fetch {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch, False
+
+    async def wait_idle(self) -> None:
+        """Wait until every fetch running now has ended (committed or failed)."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def close(self) -> None:
         """Cancel every fetch (application shutdown); temp files are removed."""
@@ -170,6 +186,58 @@ class InflightBlobFetches:
             fetch._notify()
         self._fetches.clear()
 
+    async def _copy(self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch) -> None:
+        """Upstream body into the temp file, hashed and written in a worker thread.
+
+        Writes overlap reads: while one write runs, what arrives meanwhile is gathered
+        and written next in one go (up to ``WRITE_BATCH`` bytes before the reader waits
+        for the write), so an idle disk sees each chunk at once and a busy one gets fewer,
+        larger writes. At most one write and one batch are held in memory.
+        ``fetch.written`` only counts bytes that are in the file: readers rely on it.
+        """
+        batch: list[bytes] = []
+        batched = 0
+        pending: asyncio.Future[None] | None = None
+
+        def start_write() -> None:
+            nonlocal pending, batch, batched
+            size = batched
+            pending = asyncio.ensure_future(writer.write(*batch))
+            batch, batched = [], 0
+
+            def written(task: asyncio.Future[None]) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    fetch.written += size
+                    fetch._notify()
+
+            pending.add_done_callback(written)
+
+        received = 0
+        try:
+            async for chunk in upstream.chunks():
+                batch.append(chunk)
+                batched += len(chunk)
+                received += len(chunk)
+                if fetch.size is not None and received > fetch.size:
+                    break  # more than announced: verify's size check rejects it
+                if pending is not None and (pending.done() or batched >= WRITE_BATCH):
+                    await pending  # raises the write's error
+                    pending = None
+                if pending is None:
+                    start_write()
+            if pending is not None:
+                await pending
+                pending = None
+            if batch:
+                start_write()
+                assert pending is not None
+                await pending
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await pending
+
     async def _run(self, fetch: BlobFetch, opener: BlobOpener) -> None:
         metrics.INFLIGHT_FETCHES.inc()
         writer: BlobWriter | None = None
@@ -180,14 +248,12 @@ class InflightBlobFetches:
                     fetch.size = upstream.size
                     fetch.temp_path = writer.temp_path
                     fetch.ready.set_result(None)
-                    async for chunk in upstream.chunks():
-                        await writer.write(chunk)
-                        fetch.written += len(chunk)
-                        if fetch.size is not None and fetch.written > fetch.size:
-                            break  # more than announced: commit's size check rejects it
-                        fetch._notify()
-                size = fetch.size if fetch.size is not None else fetch.written
-                descriptor = await writer.commit(Descriptor(fetch.digest, size))
+                    await self._copy(upstream, writer, fetch)
+                expected = Descriptor(fetch.digest, fetch.size or fetch.written)
+                await writer.verify(expected)
+                fetch.verified = True  # readers may send the last byte now
+                fetch._notify()
+                descriptor = await writer.commit(expected)
             await self._descriptors.set_descriptor(fetch.digest, descriptor)
             fetch.done.set_result(descriptor)
         except BaseException as exc:

@@ -177,26 +177,30 @@ class DiskBlobWriter(BlobWriter):
     def written(self) -> int:
         return self._written
 
-    def _write_sync(self, chunk: bytes) -> None:
-        assert self._fd is not None, "write after commit or cancel"
-        self._hasher.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-
-    async def write(self, chunk: bytes) -> None:
-        await asyncio.to_thread(self._write_sync, chunk)
-        self._written += len(chunk)
-
-    def _commit_sync(self, expected: Descriptor) -> tuple[Descriptor, bool]:
+    def _write_sync(self, chunks: tuple[bytes, ...]) -> None:
         with self._lock:
-            return self._commit_locked(expected)
+            self._write_locked(chunks)
 
-    def _commit_locked(self, expected: Descriptor) -> tuple[Descriptor, bool]:
-        """Returns the descriptor and whether the file is new (not a replacement)."""
+    def _write_locked(self, chunks: tuple[bytes, ...]) -> None:
         if self._fd is None:
             raise UpstreamUnavailable("blob ingest was cancelled")
+        for chunk in chunks:
+            self._hasher.update(chunk)
+        pending = [memoryview(c) for c in chunks if c]
+        while pending:
+            n = os.writev(self._fd, pending)
+            while pending and n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            if pending and n:
+                pending[0] = pending[0][n:]
+
+    async def write(self, *chunks: bytes) -> None:
+        await asyncio.to_thread(self._write_sync, chunks)
+        self._written += sum(len(c) for c in chunks)
+
+    def _check(self, expected: Descriptor) -> None:
+        """Raise DigestMismatch (and drop the temp file) unless digest and size match."""
         actual = Digest(expected.digest.algorithm, self._hasher.hexdigest())
         if actual != expected.digest or self._written != expected.size:
             metrics.DIGEST_MISMATCHES.inc()
@@ -208,6 +212,25 @@ class DiskBlobWriter(BlobWriter):
                     "actual": {"digest": str(actual), "size": self._written},
                 },
             )
+
+    def _verify_sync(self, expected: Descriptor) -> None:
+        with self._lock:
+            if self._fd is None:
+                raise UpstreamUnavailable("blob ingest was cancelled")
+            self._check(expected)
+
+    async def verify(self, expected: Descriptor) -> None:
+        await asyncio.to_thread(self._verify_sync, expected)
+
+    def _commit_sync(self, expected: Descriptor) -> tuple[Descriptor, bool]:
+        with self._lock:
+            return self._commit_locked(expected)
+
+    def _commit_locked(self, expected: Descriptor) -> tuple[Descriptor, bool]:
+        """Returns the descriptor and whether the file is new (not a replacement)."""
+        if self._fd is None:
+            raise UpstreamUnavailable("blob ingest was cancelled")
+        self._check(expected)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None

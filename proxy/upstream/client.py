@@ -109,7 +109,9 @@ class AiohttpUpstreamBlob(UpstreamBlob):
         try:
             while True:
                 try:
-                    async for chunk in response.content.iter_chunked(BLOB_CHUNK):
+                    # Whatever has arrived, without re-joining it into fixed sizes (the
+                    # fetch batches its disk writes itself).
+                    async for chunk in response.content.iter_any():
                         received += len(chunk)
                         counter.inc(len(chunk))
                         yield chunk

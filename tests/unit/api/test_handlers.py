@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from proxy.api.handlers import REGISTRY_KEY
 from proxy.app import create_app
 from proxy.model import MEDIA_TYPE_OCI_MANIFEST, Digest
 from proxy.settings import Settings, UpstreamSettings
@@ -43,6 +44,10 @@ async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_
     )
     settings = Settings(cache_dir=tmp_path / "cache", upstreams=(upstream,))
     return Rig(await aiohttp_client(create_app(settings)), registry)
+
+
+async def fetches_done(rig: Rig) -> None:
+    await rig.client.app[REGISTRY_KEY].inflight.wait_idle()
 
 
 async def error_of(response: aiohttp.ClientResponse) -> dict[str, Any]:
@@ -261,6 +266,8 @@ async def test_blob_miss_then_hit(rig: Rig) -> None:
     assert await first.read() == BLOB
     assert first.headers["Docker-Content-Digest"] == str(digest)
     assert first.headers["X-Cache"] == "MISS"
+    # The client gets its last byte once the digest is verified; fsync and rename follow.
+    await fetches_done(rig)
 
     second = await rig.client.get(f"/v2/{REPO}/blobs/{digest}")
     assert await second.read() == BLOB
@@ -272,6 +279,7 @@ async def test_blob_miss_then_hit(rig: Rig) -> None:
 async def test_blob_range_from_cache(rig: Rig) -> None:
     digest = rig.registry.add_blob(REPO, BLOB)
     await (await rig.client.get(f"/v2/{REPO}/blobs/{digest}")).read()
+    await fetches_done(rig)
     response = await rig.client.get(f"/v2/{REPO}/blobs/{digest}", headers={"Range": "bytes=10-19"})
     assert response.status == 206
     assert await response.read() == BLOB[10:20]
