@@ -50,6 +50,7 @@ MAX_TAGS_LIST_SIZE = 16 << 20
 BLOB_CHUNK = 1 << 20
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_BASE_DELAY = 0.05
+READ_BUFSIZE = 1 << 20
 MAX_EXTRA_RESUMES = 3
 DEFAULT_MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 
@@ -168,6 +169,8 @@ class UpstreamClient:
             connector=connector,
             auto_decompress=False,
             headers={"User-Agent": "registry-proxy"},
+            # Larger socket reads: fewer, bigger chunks per blob (the default is 64 KiB).
+            read_bufsize=READ_BUFSIZE,
         )
         return cls(settings, session)
 
