@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import metrics
 from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.errors import RegistryError, RouteUnknown, Unsupported
-from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference, parse_name
+from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference
 from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
 from proxy.pullthrough.manifests import STALE
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
@@ -70,8 +70,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         raise Unsupported("this is a pull-through cache: push, delete and mount are not supported")
     target = parse_target(tail)
     request[ROUTE_KEY] = target.kind
-    parse_name(target.name)
-    route = request.app[ROUTER_KEY].route(target.name, request.query.get("ns"))
+    route = request.app[ROUTER_KEY].route(target.name, request.query.get("ns"))  # validates
     request[UPSTREAM_KEY] = route.upstream.name
     if route.namespace is not None:
         request[NAMESPACE_KEY] = route.namespace
