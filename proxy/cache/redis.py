@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from proxy import metrics
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
@@ -132,6 +133,17 @@ class RedisLayer:
         metrics.REDIS_SECONDS.labels(op).observe(time.perf_counter() - started)
         return result
 
+    async def set_hash(self, key: str, fields: Mapping[FieldT, EncodableT], ttl: int) -> None:
+        """Write a hash and its TTL in one MULTI/EXEC; advisory like every write."""
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, ttl)
+                await pipe.execute()
+
+        await self.run("set", write)
+
     async def ping(self) -> bool:
         return bool(await self.run("ping", self.client.ping))
 
@@ -161,15 +173,8 @@ class RedisDescriptorCache(BlobDescriptorService):
             raise BlobUnknown(f"blob {digest} has an unreadable redis entry") from None
 
     async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
-        key = self._key(digest)
-
-        async def write() -> None:
-            async with self._layer.client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"size": descriptor.size, "mt": descriptor.media_type})
-                pipe.expire(key, self._ttl)
-                await pipe.execute()
-
-        await self._layer.run("set", write)
+        fields: dict[FieldT, EncodableT] = {"size": descriptor.size, "mt": descriptor.media_type}
+        await self._layer.set_hash(self._key(digest), fields, self._ttl)
 
     async def clear(self, digest: Digest) -> None:
         await self._layer.run("clear", lambda: self._layer.client.delete(self._key(digest)))
@@ -196,23 +201,15 @@ class RedisTagStore(TagService):
             return None  # unreadable entry: a miss; the next set overwrites it
 
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
-        key = self._layer.key("tag", upstream, repo, tag)
-
-        async def write() -> None:
-            async with self._layer.client.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    key,
-                    mapping={
-                        "digest": str(entry.digest),
-                        "mt": entry.media_type,
-                        "size": entry.size,
-                        "at": repr(entry.fetched_at),
-                    },
-                )
-                pipe.expire(key, self._retention)
-                await pipe.execute()
-
-        await self._layer.run("set", write)
+        fields: dict[FieldT, EncodableT] = {
+            "digest": str(entry.digest),
+            "mt": entry.media_type,
+            "size": entry.size,
+            "at": repr(entry.fetched_at),
+        }
+        await self._layer.set_hash(
+            self._layer.key("tag", upstream, repo, tag), fields, ttl=self._retention
+        )
 
 
 class RedisLinkStore(LinkService):
