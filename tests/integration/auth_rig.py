@@ -19,8 +19,6 @@ import datetime
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,20 +78,6 @@ class AuthRegistry(Registry):
         super().__init__(workdir, binary=binary)
         with self.config_path.open("a") as config:
             config.write(auth)
-
-    def _ready(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise AssertionError(
-                f"docker-registry exited with {self.process and self.process.returncode}"
-                f"\n--- registry log ---\n{self.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(self.url + "/v2/", timeout=1) as response:
-                return bool(response.status == 200)
-        except urllib.error.HTTPError as exc:
-            return exc.code == 401
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
 
 
 def htpasswd_auth(workdir: Path, users: Mapping[str, str], realm: str = "rp-tests") -> str:

@@ -20,14 +20,13 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rig import STOP_TIMEOUT, free_port, wait_until
+from .rig import free_port, read_tail, stop_process, wait_until
 
 CONTAINERD_BINARY = "/usr/bin/containerd"
 CTR_BINARY = "/usr/bin/ctr"
@@ -159,21 +158,11 @@ class Containerd:
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL after a timeout; then the temp dir goes. Idempotent."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_process(process)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)
 
     async def ctr(self, *args: str, time_limit: float = CTR_TIMEOUT) -> CtrResult:
         """``ctr -a SOCK -n rp-tests ARGS`` as an asyncio subprocess (the proxy it talks to

@@ -32,9 +32,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
-from .rig import CHUNK, CLIENT_AUTO_HEADERS, HOP_BY_HOP, Exchange, Registry, RequestLog
+from .rig import (
+    CHUNK,
+    HOP_BY_HOP,
+    Exchange,
+    Registry,
+    RequestLog,
+    drop_connection,
+    relayed_response,
+    send_upstream,
+)
 
 Match = Callable[[Exchange], bool]
 
@@ -269,7 +277,7 @@ class FaultProxy:
             stall.held += 1
             await stall.released.wait()
         if self._refusing or self.reset:
-            return _drop(request, exchange, "refused" if self._refusing else "reset")
+            return drop_connection(request, exchange, "refused" if self._refusing else "reset")
         for failure in self._failures:
             if failure.take(exchange):
                 return _error(exchange, failure.status, failure.headers)
@@ -284,30 +292,13 @@ class FaultProxy:
         self, request: web.Request, exchange: Exchange, cut: Cut | None
     ) -> web.StreamResponse:
         assert self._session is not None
-        drop = set(HOP_BY_HOP)
-        if self.strip_range:
-            drop.add("range")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
-        skip = [h for h in CLIENT_AUTO_HEADERS if h not in request.headers]
-        url = URL(self.upstream_url + request.raw_path, encoded=True)
+        drop = {*HOP_BY_HOP, "range"} if self.strip_range else HOP_BY_HOP
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                skip_auto_headers=skip,
-            )
+            upstream = await send_upstream(self._session, self.upstream_url, request, drop=drop)
         except aiohttp.ClientError as exc:
-            return _drop(request, exchange, f"upstream unreachable: {exc!r}")
+            return drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
         async with upstream:
-            exchange.status = upstream.status
-            exchange.response_headers = CIMultiDict(upstream.headers)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
+            response = relayed_response(upstream, exchange)
             if self.ratelimit_remaining is not None:
                 for name, value in ratelimit_headers(self.ratelimit_remaining).items():
                     response.headers[name] = value
@@ -327,7 +318,7 @@ class FaultProxy:
             except ConnectionError as exc:
                 exchange.error = f"client went away: {exc!r}"
             except aiohttp.ClientError as exc:
-                return _drop(request, exchange, f"upstream broke: {exc!r}")
+                return drop_connection(request, exchange, f"upstream broke: {exc!r}")
             return response
 
 
@@ -339,14 +330,6 @@ def _error(
     response = web.json_response(body, status=status, headers=headers)
     exchange.response_headers = CIMultiDict(response.headers)
     return response
-
-
-def _drop(request: web.Request, exchange: Exchange, why: str) -> web.StreamResponse:
-    """Abort the client's connection: no (further) HTTP response reaches it."""
-    exchange.error = why
-    if request.transport is not None:
-        request.transport.abort()
-    return web.Response(status=502)
 
 
 def _cut(request: web.Request, exchange: Exchange, cut: Cut | None) -> web.StreamResponse:

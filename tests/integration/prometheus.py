@@ -8,7 +8,6 @@ loop while Prometheus scrapes it, so readiness and queries go through aiohttp.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .rig import START_TIMEOUT, STOP_TIMEOUT, free_port
+from .rig import START_TIMEOUT, STOP_TIMEOUT, free_port, read_tail, stop_process
 
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 PROMTOOL_BINARY = "/usr/bin/promtool"
@@ -136,18 +135,7 @@ class Prometheus:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit in ``timeout``; idempotent."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_process(process, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)

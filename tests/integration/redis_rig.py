@@ -34,6 +34,8 @@ from .rig import (
     binary_or_skip,
     free_port,
     proxy_settings_mapping,
+    read_tail,
+    stop_process,
     wait_until,
 )
 
@@ -141,21 +143,10 @@ class RedisServer:
         """SIGTERM by PID (after SIGCONT if paused), SIGKILL if it lingers; idempotent."""
         self.resume()
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_process(process, timeout)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)
 
 
 @pytest.fixture

@@ -136,6 +136,27 @@ health:
 """
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM a child we started, by PID, then SIGKILL if it lingers; reap it."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
+def read_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, for failure messages ("" if unreadable)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 class Registry:
     """``docker-registry serve`` as a child process on a fixed loopback port.
 
@@ -196,27 +217,18 @@ class Registry:
         try:
             with urllib.request.urlopen(self.url + "/v2/", timeout=1) as response:
                 return bool(response.status == 200)
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401  # up, with authentication configured
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit in ``timeout``; idempotent."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_process(process, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)
 
     def blob_path(self, digest: str) -> Path:
         """Where Distribution's filesystem driver keeps a blob's data."""
@@ -407,7 +419,7 @@ class PassThrough:
 
     async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         if self.mode == "refuse":
-            return _drop_connection(request, exchange, "refused")
+            return drop_connection(request, exchange, "refused")
         if self.mode == "error":
             exchange.status = 503
             return web.json_response(
@@ -415,29 +427,12 @@ class PassThrough:
                 status=503,
             )
         assert self._session is not None
-        # A list, not a dict: skopeo sends several Accept headers.
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        skip = [h for h in CLIENT_AUTO_HEADERS if h not in request.headers]
-        # raw_path keeps the query and the client's exact encoding (%2e%2e stays %2e%2e).
-        url = URL(self.upstream_url + request.raw_path, encoded=True)
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                skip_auto_headers=skip,
-            )
+            upstream = await send_upstream(self._session, self.upstream_url, request)
         except aiohttp.ClientError as exc:
-            return _drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
+            return drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
         async with upstream:
-            exchange.status = upstream.status
-            exchange.response_headers = CIMultiDict(upstream.headers)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
+            response = relayed_response(upstream, exchange)
             try:
                 await response.prepare(request)
                 if request.method != "HEAD":
@@ -450,11 +445,48 @@ class PassThrough:
                 exchange.error = f"client went away: {exc!r}"
             except aiohttp.ClientError as exc:
                 # The upstream broke mid-body: the client must see a broken response too.
-                return _drop_connection(request, exchange, f"upstream broke: {exc!r}")
+                return drop_connection(request, exchange, f"upstream broke: {exc!r}")
             return response
 
 
-def _drop_connection(request: web.Request, exchange: Exchange, why: str) -> web.StreamResponse:
+async def send_upstream(
+    session: aiohttp.ClientSession,
+    upstream_url: str,
+    request: web.Request,
+    *,
+    drop: Iterable[str] = HOP_BY_HOP,
+) -> aiohttp.ClientResponse:
+    """Forward ``request`` as it came (method, exact path and query, headers less
+    ``drop``, streamed body), following no redirect."""
+    dropped = set(drop)
+    # A list, not a dict: skopeo sends several Accept headers.
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in dropped]
+    skip = [h for h in CLIENT_AUTO_HEADERS if h not in request.headers]
+    # raw_path keeps the query and the client's exact encoding (%2e%2e stays %2e%2e).
+    url = URL(upstream_url + request.raw_path, encoded=True)
+    return await session.request(
+        request.method,
+        url,
+        headers=headers,
+        data=request.content if request.body_exists else None,
+        allow_redirects=False,
+        skip_auto_headers=skip,
+    )
+
+
+def relayed_response(upstream: aiohttp.ClientResponse, exchange: Exchange) -> web.StreamResponse:
+    """A response with the upstream's status and end-to-end headers, recorded in
+    ``exchange``; the caller streams the body."""
+    exchange.status = upstream.status
+    exchange.response_headers = CIMultiDict(upstream.headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for name, value in upstream.headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            response.headers.add(name, value)
+    return response
+
+
+def drop_connection(request: web.Request, exchange: Exchange, why: str) -> web.StreamResponse:
     """Abort the client's connection: no (further) HTTP response reaches it. The returned
     response is never delivered; aiohttp sees the closed transport and lets it be."""
     exchange.error = why
