@@ -9,11 +9,12 @@ the same Protocol and adds exactly one concern; chains are assembled in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from proxy.model import Descriptor, Digest
+from proxy.model import Descriptor, Digest, Outcome
 
 
 class BlobStatter(Protocol):
@@ -41,6 +42,8 @@ DescriptorMiddleware = Callable[[BlobDescriptorService], BlobDescriptorService]
 
 
 class BlobProvider(Protocol):
+    """The read side of the local store: committed blobs."""
+
     def path(self, digest: Digest) -> Path:
         """Where the committed blob lives. The file may be absent: opening it is the check."""
         ...
@@ -89,14 +92,161 @@ class BlobIngester(Protocol):
         """Start ingesting the blob ``digest``: a temp file on the store's filesystem."""
         ...
 
+    async def put(self, digest: Digest, data: bytes) -> Descriptor:
+        """Store a small blob held in memory (a manifest) with the same verify-then-commit.
 
-class BlobService(BlobStatter, BlobProvider, BlobIngester, Protocol):
-    """Everything a local store does for blobs."""
+        Raises ``DigestMismatch`` (and stores nothing) when ``data`` is not ``digest``.
+        """
+        ...
 
 
-class BlobStore(BlobService, Protocol):
+class BlobStore(BlobStatter, BlobProvider, BlobIngester, Protocol):
+    """What the pull-through needs from the local store: ``stat`` says whether a blob is
+    committed (``BlobUnknown`` when not), the rest reads and writes it."""
+
     async def delete(self, digest: Digest) -> None:
         """Remove a committed blob. Idempotent."""
+        ...
+
+
+# --------------------------------------------------------------------- one repository
+
+
+class ArrivingBlob(Protocol):
+    """A blob fetch in progress that clients follow (``proxy.pullthrough.inflight``)."""
+
+    digest: Digest
+    size: int | None
+    """The announced size; None when the upstream sent none (chunked)."""
+    origin: tuple[str, str]
+    """The (upstream, repository) the fetch asked upstream for: its success proves that
+    repository holds the digest, and no other."""
+
+    def spans(self, offset: int = 0) -> AsyncIterator[tuple[BinaryIO, int, int]]:
+        """(file, offset, length) of the bytes as they are written; raises if it fails."""
+        ...
+
+    def read(self, offset: int = 0) -> AsyncIterator[bytes]:
+        """The bytes as they are written, in bounded chunks; raises if it fails."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    """A committed blob: serve the file (sendfile, Range)."""
+
+    descriptor: Descriptor
+    path: Path
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.HIT
+
+
+@dataclass(frozen=True, slots=True)
+class FetchingBlob:
+    """A blob arriving from upstream: follow the fetch. ``outcome`` is MISS for the
+    request that started it, COALESCED for the others."""
+
+    fetch: ArrivingBlob
+    outcome: Outcome
+
+
+OpenedBlob = LocalBlob | FetchingBlob
+
+
+class RepositoryBlobs(BlobStatter, Protocol):
+    """The blobs of one (upstream, repository): what the API's blob handlers ask.
+
+    One chain of these per request, outermost first: [middleware from settings] ->
+    repository scoping -> local store -> in-flight fetch / upstream
+    (``proxy.pullthrough.registry``). ``stat`` answers HEAD and never downloads;
+    ``open`` answers GET. Both raise ``BlobUnknown`` when this repository does not have
+    the digest, and upstream errors (``UpstreamError``, ``TooManyRequests``) when the
+    answer needed the upstream and it failed.
+    """
+
+    async def open(self, digest: Digest) -> OpenedBlob:
+        """The committed blob, or the fetch bringing it (joined or started, its upstream
+        headers received). Never buffers the body."""
+        ...
+
+
+BlobMiddleware = Callable[[RepositoryBlobs], RepositoryBlobs]
+"""Distribution's ``BlobAccessController``: wrap a repository's blob service in one more
+concern (access control, quotas, stats). Configured middleware is the outermost."""
+
+
+# --------------------------------------------------------------------- upstream side
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamBlobHead:
+    size: int | None
+    digest: Digest | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamManifest:
+    """A manifest as the upstream answered it; ``body`` is None for HEAD."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes | None
+
+
+class UpstreamBlob(Protocol):
+    """An open upstream blob response: its size (when announced) and its body."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body in chunks. Raises ``UpstreamUnavailable`` when cut off."""
+        ...
+
+
+class BlobSource(Protocol):
+    """What the pull-through needs from an upstream for blobs (``UpstreamClient``)."""
+
+    name: str
+    """The upstream's configured name (the key of its tags, links and metrics)."""
+
+    async def head_blob(self, repo: str, digest: Digest) -> UpstreamBlobHead:
+        """HEAD the blob in ``repo``; raises ``BlobUnknown`` on a 404, upstream errors."""
+        ...
+
+    def open_blob(self, repo: str, digest: Digest) -> AbstractAsyncContextManager[UpstreamBlob]:
+        """GET the blob in ``repo``; entering raises ``BlobUnknown`` on a 404. Leaving
+        releases the connection."""
+        ...
+
+
+class UpstreamBudget(Protocol):
+    """The upstream's health and pull budget, as the manifest service consults it."""
+
+    def budget_low(self) -> bool:
+        """Whether the upstream's reported pull budget is under the configured floor."""
+        ...
+
+    def refuse_cold_pull(self) -> None:
+        """Raise ``TooManyRequests`` (or ``UpstreamUnavailable`` while the breaker is
+        open) when a pull that must reach the upstream should not be tried."""
+        ...
+
+
+class ManifestSource(Protocol):
+    """What the pull-through needs from an upstream for manifests (``UpstreamClient``)."""
+
+    name: str
+    health: UpstreamBudget
+
+    async def get_manifest(
+        self, repo: str, reference: str, accept: str | None, *, head: bool = False
+    ) -> UpstreamManifest:
+        """GET (or HEAD) a manifest, its digest checked; raises ``ManifestUnknown`` on a
+        404 and upstream errors."""
         ...
 
 
@@ -133,15 +283,4 @@ class LinkService(Protocol):
 
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         """Record that ``repo`` holds ``digests``. Idempotent; advisory layers never raise."""
-        ...
-
-
-class UpstreamBlob(Protocol):
-    """An open upstream blob response: its size (when announced) and its body."""
-
-    @property
-    def size(self) -> int | None: ...
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body in chunks. Raises ``UpstreamUnavailable`` when cut off."""
         ...

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid, RegistryError
 
@@ -168,3 +169,44 @@ def references(body: bytes) -> list[Digest]:
             except RegistryError:
                 continue
     return found
+
+
+class Outcome(Enum):
+    """What the cache did for one response: decided by the pull-through layer, carried on
+    the request, and turned into ``X-Cache``, the access log's ``cache`` field and metric
+    labels in one place (``proxy.api.middlewares``)."""
+
+    HIT = "hit"
+    """Served from local content with no upstream request."""
+    MISS = "miss"
+    """Fetched from upstream for this request."""
+    COALESCED = "coalesced"
+    """Joined a fetch another request had started."""
+    REVALIDATED = "revalidated"
+    """Local content the upstream confirmed unchanged (a HEAD)."""
+    STALE = "stale"
+    """Local content served because the upstream could not revalidate it."""
+    DENIED = "denied"
+    """Refused: not authenticated or not allowed."""
+    ERROR = "error"
+    """The proxy or the upstream failed (5xx)."""
+    NONE = "none"
+    """Nothing cacheable was asked (or the request was invalid)."""
+
+    @property
+    def header(self) -> str:
+        """The ``X-Cache`` value."""
+        return self.value.upper()
+
+    @property
+    def local(self) -> bool:
+        """Whether the body bytes came from local content (served-bytes ``source``)."""
+        return self in _LOCAL_OUTCOMES
+
+    @property
+    def source(self) -> str:
+        """``cache`` or ``upstream``: the served-bytes label."""
+        return "cache" if self.local else "upstream"
+
+
+_LOCAL_OUTCOMES = frozenset({Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE})

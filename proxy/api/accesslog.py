@@ -23,7 +23,7 @@ class AccessLogger(AbstractAccessLogger):
                 "remote": request.remote,
                 "route": request.get(ROUTE_KEY, "other"),
                 "status": response.status,
-                "cache": outcome(response),
+                "cache": outcome(request, response).value,
                 "upstream": request.get(UPSTREAM_KEY, "-"),
                 "bytes": response.body_length,
                 "duration_ms": round(time * 1000, 3),

@@ -19,11 +19,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
-from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, ROUTE_KEY, UPSTREAM_KEY
+from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.errors import RegistryError, RouteUnknown, Unsupported
+from proxy.interfaces import FetchingBlob, LocalBlob
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference
-from proxy.pullthrough.blobs import FetchingBlob, LocalBlob
-from proxy.pullthrough.manifests import STALE
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
 from proxy.routing import Route, Router
 
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 REGISTRY_KEY = web.AppKey("registry", PullThroughRegistry)
 ROUTER_KEY = web.AppKey("router", Router)
 READ_METHODS = frozenset({"GET", "HEAD"})
-CACHE_HEADER = "X-Cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,22 +92,16 @@ async def manifest(
     accept = ", ".join(request.headers.getall("Accept", [])) or None
     result = await services.manifests.get(route.repo, reference, accept)
     stored = result.manifest
-    headers = {
-        "Docker-Content-Digest": str(stored.digest),
-        "ETag": f'"{stored.digest}"',
-        CACHE_HEADER: result.outcome.upper(),
-    }
-    if result.outcome == STALE:
-        headers["Warning"] = '110 - "Response is Stale"'
+    request[OUTCOME_KEY] = result.outcome
+    request[ETAG_KEY] = f'"{stored.digest}"'
+    headers = {"Docker-Content-Digest": str(stored.digest)}
     if _not_modified(request, stored.digest):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = stored.media_type
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(stored.body))
         return web.Response(headers=headers)
-    metrics.SERVED_BYTES.labels("cache" if result.outcome == "hit" else "upstream").inc(
-        len(stored.body)
-    )
+    metrics.SERVED_BYTES.labels(result.outcome.source).inc(len(stored.body))
     return web.Response(body=stored.body, headers=headers)
 
 
@@ -126,13 +118,13 @@ async def blob(
         return web.Response(status=304, headers=headers)
     blobs = request.app[REGISTRY_KEY].blobs(route.upstream, route.repo)
     if request.method == "HEAD":
-        descriptor = await blobs.head(digest)
+        descriptor = await blobs.stat(digest)
         headers["Content-Length"] = str(descriptor.size)
         return web.Response(headers=headers)
     opened = await blobs.open(digest)
+    request[OUTCOME_KEY] = opened.outcome
     if isinstance(opened, LocalBlob):
-        headers[CACHE_HEADER] = "HIT"
-        metrics.SERVED_BYTES.labels("cache").inc(opened.descriptor.size)
+        metrics.SERVED_BYTES.labels(opened.outcome.source).inc(opened.descriptor.size)
         return web.FileResponse(opened.path, headers=headers)
     return await _stream_fetch(request, opened, headers)
 
@@ -146,12 +138,11 @@ async def _stream_fetch(
     file (no copies through Python, no buffers); without one, chunked through ``write``.
     """
     fetch = opened.fetch
-    headers[CACHE_HEADER] = "COALESCED" if opened.coalesced else "MISS"
     response = web.StreamResponse(headers=headers)
     if fetch.size is not None:
         response.content_length = fetch.size
     await response.prepare(request)
-    served = metrics.SERVED_BYTES.labels("upstream")
+    served = metrics.SERVED_BYTES.labels(opened.outcome.source)
     try:
         if fetch.size is not None and request.transport is not None:
             loop = asyncio.get_running_loop()
@@ -193,10 +184,8 @@ async def tags_list(
         key, lambda: services.client.tags_list(route.repo, params)
     )
     answer = relayed.answer
-    headers = {
-        "Content-Type": answer.headers.get("Content-Type", "application/json"),
-        CACHE_HEADER: relayed.outcome.upper(),
-    }
+    request[OUTCOME_KEY] = relayed.outcome
+    headers = {"Content-Type": answer.headers.get("Content-Type", "application/json")}
     link = answer.headers.get("Link")
     if link:
         headers["Link"] = _rewrite_link(link, "tags/list", client_name, route.namespace)
@@ -226,8 +215,8 @@ async def referrers(
         key, lambda: services.client.referrers(route.repo, digest, params)
     )
     answer = relayed.answer
+    request[OUTCOME_KEY] = relayed.outcome
     headers = {k: v for k, v in answer.headers.items() if k != "Link"}
-    headers[CACHE_HEADER] = relayed.outcome.upper()
     link = answer.headers.get("Link")
     if link:
         headers["Link"] = _rewrite_link(link, f"referrers/{digest}", client_name, route.namespace)

@@ -1,7 +1,12 @@
-"""Request middleware: OCI error rendering and request metrics.
+"""Request middleware: OCI error rendering, request metrics, and the headers every
+response carries.
 
 Only this layer turns a ``RegistryError`` into the spec's JSON body. Anything else that
 escapes a handler is a bug: it is logged once here and answered 500 with an OCI body.
+
+Handlers say what they did by setting request keys (``OUTCOME_KEY``, ``ETAG_KEY``, ...);
+this module alone turns them into headers (``X-Cache``, ``Warning``, ``ETag``), and
+``outcome`` into the metric label and the access log's field.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from proxy import metrics
 from proxy.errors import RegistryError
+from proxy.model import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +30,9 @@ ROUTE_KEY = web.RequestKey("route", str)
 ETAG_KEY = web.RequestKey("etag", str)
 UPSTREAM_KEY = web.RequestKey("upstream", str)
 NAMESPACE_KEY = web.RequestKey("namespace", str)
+OUTCOME_KEY = web.RequestKey("outcome", Outcome)
+CACHE_HEADER = "X-Cache"
+STALE_WARNING = '110 - "Response is Stale"'
 CACHED_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
 
 
@@ -64,16 +73,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "UNKNOWN", "internal error")
 
 
-def outcome(response: web.StreamResponse) -> str:
-    """hit, miss, coalesced, revalidated, stale (from X-Cache), denied, error or none."""
-    cache = response.headers.get("X-Cache")
-    if cache:
-        return cache.lower()
+def outcome(request: web.BaseRequest, response: web.StreamResponse | None) -> Outcome:
+    """What the handler reported, else what the status says (denied, error or none)."""
+    reported: Outcome | None = request.get(OUTCOME_KEY)
+    if reported is not None:
+        return reported
+    if response is None or response.status >= 500:
+        return Outcome.ERROR
     if response.status in (401, 403):
-        return "denied"
-    if response.status >= 500:
-        return "error"
-    return "none"
+        return Outcome.DENIED
+    return Outcome.NONE
 
 
 @web.middleware
@@ -89,8 +98,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.REQUESTS.labels(route, request.method, metrics.status_class(status)).inc()
         metrics.REQUEST_SECONDS.labels(route).observe(time.monotonic() - started)
         if route in CACHED_ROUTES:
-            kind = outcome(response) if response is not None else "error"
-            metrics.CACHE_RESPONSES.labels(route, kind).inc()
+            metrics.CACHE_RESPONSES.labels(route, outcome(request, response).value).inc()
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -99,7 +107,13 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     namespace = request.get(NAMESPACE_KEY)
     if namespace is not None:
         response.headers["OCI-Namespace"] = namespace
+    reported = request.get(OUTCOME_KEY)
+    if reported is not None:
+        response.headers[CACHE_HEADER] = reported.header
+        if reported is Outcome.STALE:
+            response.headers["Warning"] = STALE_WARNING
     etag = request.get(ETAG_KEY)
     if etag is not None:
+        # After FileResponse's own ETag and Last-Modified: the digest is the identity.
         response.headers["ETag"] = etag
         response.headers.pop("Last-Modified", None)

@@ -1,99 +1,153 @@
-"""Blobs of one upstream repository: from disk when cached and linked, else one shared fetch.
+"""The blobs of one (upstream, repository): three layers of one Protocol, outermost first.
 
-Presence is the disk's business (a file under its final name is complete); knowledge
-(size, media type, which repositories hold a digest) is the descriptor chain's. A GET
-therefore checks the file, and the repository link: a digest on disk that this
-repository is not known to hold is confirmed with an upstream HEAD first.
+::
+
+    ScopedBlobs      may this repository see the digest?  (links: the only writer)
+      LocalBlobs     the committed file (sendfile, Range); HEAD from the descriptor cache
+        FetchedBlobs join or start the one fetch per digest; HEAD upstream
+
+Each layer is a ``RepositoryBlobs`` and makes one decision; configured middleware (access
+control, quotas) wraps the outermost. The chain is assembled in
+``proxy.pullthrough.registry``.
+
+Scoping (Distribution's linked blob store): bytes and descriptors are shared by every
+repository, but a digest is handed out through ``<upstream>/<repo>`` only when that
+repository is known to hold it. The proof is an upstream answer for this very repository:
+a fetch started for it, a manifest fetched through it that references the digest, or a
+HEAD. So content cached through one repository is never served through another by
+guessing its digest, and no upstream request is spent on what a link already proves.
+
+Presence is the local store's business: a file under its final name is complete, so a
+GET asks the store (one ``stat``), not the descriptor caches, which may know of content
+this disk does not hold (learned by a HEAD, or from another replica through Redis).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-from proxy import metrics
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobDescriptorService, LinkService
-from proxy.model import Descriptor, Digest
-from proxy.pullthrough.inflight import BlobFetch, InflightBlobFetches
-from proxy.storage.disk import DiskBlobStore
-from proxy.storage.eviction import touch
-from proxy.upstream.client import UpstreamClient
+from proxy.interfaces import (
+    BlobDescriptorService,
+    BlobSource,
+    BlobStore,
+    FetchingBlob,
+    LinkService,
+    LocalBlob,
+    OpenedBlob,
+    RepositoryBlobs,
+)
+from proxy.model import Descriptor, Digest, Outcome
+from proxy.pullthrough.inflight import InflightBlobFetches
 
 
-@dataclass(frozen=True, slots=True)
-class LocalBlob:
-    """A committed blob: serve the file (sendfile, Range)."""
+class RepositoryScope:
+    """Which digests one (upstream, repository) may see; the only writer of its links.
 
-    descriptor: Descriptor
-    path: Path
+    Blobs (``ScopedBlobs``) and manifests (``ProxyManifestService``) both decide here.
+    """
+
+    def __init__(self, links: LinkService, upstream: str, repo: str) -> None:
+        self._links = links
+        self.origin = (upstream, repo)
+
+    async def holds(self, digest: Digest) -> bool:
+        """Whether the repository is known to hold ``digest``. Never raises."""
+        return await self._links.linked(*self.origin, digest)
+
+    async def record(self, digests: list[Digest]) -> None:
+        """The upstream proved the repository holds ``digests``. Idempotent."""
+        await self._links.link(*self.origin, digests)
 
 
-@dataclass(frozen=True, slots=True)
-class FetchingBlob:
-    """A blob arriving from upstream: follow the fetch (``fetch.read``)."""
+class ScopedBlobs(RepositoryBlobs):
+    """Serves only digests the repository holds; confirms any other with the upstream.
 
-    fetch: BlobFetch
-    coalesced: bool
+    ``upstream`` is the innermost layer, asked directly so that no cache answers for a
+    digest this repository is not known to hold.
+    """
+
+    def __init__(
+        self, scope: RepositoryScope, inner: RepositoryBlobs, upstream: RepositoryBlobs
+    ) -> None:
+        self._scope = scope
+        self._inner = inner
+        self._upstream = upstream
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        if await self._scope.holds(digest):
+            return await self._inner.stat(digest)
+        descriptor = await self._upstream.stat(digest)
+        await self._scope.record([digest])
+        return descriptor
+
+    async def open(self, digest: Digest) -> OpenedBlob:
+        held = await self._scope.holds(digest)
+        opened = await self._inner.open(digest)
+        if not held:
+            # A fetch started for this repository got the upstream's 200: that is the
+            # proof. Bytes held for another repository need the upstream's word first.
+            proven = isinstance(opened, FetchingBlob) and opened.fetch.origin == self._scope.origin
+            if not proven:
+                await self._upstream.stat(digest)
+            await self._scope.record([digest])
+        return opened
 
 
-class ProxyBlobStore:
-    """One (upstream, repository): what the API's blob handlers ask."""
+class LocalBlobs(RepositoryBlobs):
+    """The committed file when there is one; otherwise the layer below."""
+
+    def __init__(
+        self, store: BlobStore, descriptors: BlobDescriptorService, inner: RepositoryBlobs
+    ) -> None:
+        self._store = store
+        self._descriptors = descriptors
+        self._inner = inner
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        try:
+            return await self._descriptors.stat(digest)
+        except BlobUnknown:
+            return await self._inner.stat(digest)
+
+    async def open(self, digest: Digest) -> OpenedBlob:
+        try:
+            descriptor = await self._store.stat(digest)
+        except BlobUnknown:
+            return await self._inner.open(digest)
+        return LocalBlob(descriptor, self._store.path(digest))
+
+
+class FetchedBlobs(RepositoryBlobs):
+    """The bottom layer: the upstream, through the application's one fetch per digest."""
 
     def __init__(
         self,
-        upstream: UpstreamClient,
+        source: BlobSource,
         repo: str,
-        store: DiskBlobStore,
-        descriptors: BlobDescriptorService,
-        links: LinkService,
         inflight: InflightBlobFetches,
+        descriptors: BlobDescriptorService,
     ) -> None:
-        self._upstream = upstream
+        self._source = source
         self._repo = repo
-        self._store = store
-        self._descriptors = descriptors
-        self._links = links
+        self._origin = (source.name, repo)
         self._inflight = inflight
+        self._descriptors = descriptors
 
-    async def open(self, digest: Digest) -> LocalBlob | FetchingBlob:
-        """The blob from cache, or the fetch that is bringing it (joined or started).
+    async def stat(self, digest: Digest) -> Descriptor:
+        """A HEAD upstream, unless a fetch for this repository has its answer already.
+        What the upstream says is recorded in the descriptor caches."""
+        fetch = self._inflight.get(digest)
+        if fetch is not None and fetch.origin == self._origin and fetch.size is not None:
+            return Descriptor(digest, fetch.size)  # arriving now: no need to ask
+        head = await self._source.head_blob(self._repo, digest)
+        if head.size is None:
+            raise BlobUnknown(f"upstream gave no size for blob {digest}")
+        descriptor = Descriptor(digest, head.size)
+        await self._descriptors.set_descriptor(digest, descriptor)
+        return descriptor
 
-        Raises BlobUnknown (this repository does not have it) and upstream errors.
-        """
-        origin = (self._upstream.name, self._repo)
-        linked = await self._links.linked(*origin, digest)
-        inflight = self._inflight.get(digest)
-        # A fetch for this very repository proves it has the digest once it is ready.
-        proven = linked or (inflight is not None and inflight.origin == origin)
-        if not proven and (inflight is not None or self._store.path(digest).exists()):
-            # Held for another repository: only the upstream can say this one has it.
-            await self._descriptors.stat(digest)
-            linked = True
-        if self._inflight.get(digest) is None:
-            try:
-                st = self._store.stat_file(digest)
-            except BlobUnknown:
-                metrics.CACHE_LOOKUPS.labels("blob", "disk", "miss").inc()
-            else:
-                metrics.CACHE_LOOKUPS.labels("blob", "disk", "hit").inc()
-                path = self._store.path(digest)
-                touch(path, st.st_mtime, time.time())
-                return LocalBlob(Descriptor(digest, st.st_size), path)
+    async def open(self, digest: Digest) -> OpenedBlob:
         fetch, coalesced = self._inflight.join(
-            digest, lambda: self._upstream.open_blob(self._repo, digest), origin
+            digest, lambda: self._source.open_blob(self._repo, digest), self._origin
         )
         await fetch.wait_ready()
-        if not linked:
-            await self._links.link(self._upstream.name, self._repo, [digest])
-        return FetchingBlob(fetch, coalesced)
-
-    async def head(self, digest: Digest) -> Descriptor:
-        """Describe the blob without downloading it: the descriptor chain, whose bottom
-        link is an upstream HEAD for this repository."""
-        fetch = self._inflight.get(digest)
-        size = fetch.size if fetch is not None and fetch.ready.done() else None
-        if size is not None and await self._links.linked(self._upstream.name, self._repo, digest):
-            return Descriptor(digest, size)  # arriving now: no need to ask upstream
-        return await self._descriptors.stat(digest)
+        return FetchingBlob(fetch, Outcome.COALESCED if coalesced else Outcome.MISS)

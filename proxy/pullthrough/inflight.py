@@ -29,9 +29,14 @@ from typing import BinaryIO
 
 from proxy import metrics
 from proxy.errors import UpstreamUnavailable
-from proxy.interfaces import BlobDescriptorService, BlobWriter, UpstreamBlob
+from proxy.interfaces import (
+    ArrivingBlob,
+    BlobDescriptorService,
+    BlobStore,
+    BlobWriter,
+    UpstreamBlob,
+)
 from proxy.model import Descriptor, Digest
-from proxy.storage.disk import DiskBlobStore
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,11 @@ DEFAULT_FETCH_TIMEOUT = 3600.0
 BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
 
 
-class BlobFetch:
+class BlobFetch(ArrivingBlob):
     """State of one in-progress fetch, shared by its readers."""
 
     def __init__(
-        self, digest: Digest, store: DiskBlobStore, origin: tuple[str, str] = ("", "")
+        self, digest: Digest, store: BlobStore, origin: tuple[str, str] = ("", "")
     ) -> None:
         self.digest = digest
         self._store = store
@@ -133,7 +138,7 @@ class InflightBlobFetches:
 
     def __init__(
         self,
-        store: DiskBlobStore,
+        store: BlobStore,
         descriptors: BlobDescriptorService,
         *,
         timeout: float = DEFAULT_FETCH_TIMEOUT,

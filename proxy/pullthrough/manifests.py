@@ -30,33 +30,27 @@ from dataclasses import dataclass
 
 from proxy import metrics
 from proxy.errors import ManifestUnknown, NotAcceptable, TooManyRequests, UpstreamError
-from proxy.interfaces import LinkService, TagEntry, TagService
-from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, references
+from proxy.interfaces import LinkService, ManifestSource, TagEntry, TagService
+from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Outcome, Reference, accepts, references
+from proxy.pullthrough.blobs import RepositoryScope
 from proxy.pullthrough.coalesce import Coalescer
 from proxy.settings import UpstreamSettings
 from proxy.storage.manifests import ManifestStore, StoredManifest
-from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-# Cache outcomes, as reported to the access log and the response's X-Cache header.
-HIT = "hit"
-MISS = "miss"
-REVALIDATED = "revalidated"
-STALE = "stale"
 
 
 @dataclass(frozen=True, slots=True)
 class ManifestResult:
     manifest: StoredManifest
-    outcome: str
+    outcome: Outcome
 
 
 class ProxyManifestService:
     def __init__(
         self,
         settings: UpstreamSettings,
-        upstream: UpstreamClient,
+        upstream: ManifestSource,
         store: ManifestStore,
         tags: TagService,
         links: LinkService,
@@ -83,12 +77,13 @@ class ProxyManifestService:
 
     async def _get_by_digest(self, repo: str, digest: Digest, accept: str | None) -> ManifestResult:
         local = await self._store.get(digest)
-        if local is not None and not await self._links.linked(self._settings.name, repo, digest):
+        scope = self._scope(repo)
+        if local is not None and not await scope.holds(digest):
             # Cached for another repository: only the upstream can say this one has it.
             await self._upstream.get_manifest(repo, str(digest), accept, head=True)
-            await self._links.link(self._settings.name, repo, [digest])
+            await scope.record([digest])
         if local is not None and accepts(accept, local.media_type):
-            return ManifestResult(local, HIT)
+            return ManifestResult(local, Outcome.HIT)
         if local is not None:
             raise NotAcceptable(
                 f"manifest {digest} is {local.media_type}, which the Accept header refuses"
@@ -96,7 +91,7 @@ class ProxyManifestService:
         self._upstream.health.refuse_cold_pull()
         key = ("digest", repo, str(digest))
         manifest = await self._coalescer.run(key, lambda: self._fetch(repo, str(digest), accept))
-        return ManifestResult(manifest, MISS)
+        return ManifestResult(manifest, Outcome.MISS)
 
     async def _get_by_tag(self, repo: str, tag: str, accept: str | None) -> ManifestResult:
         entry = await self._tags.get(self._settings.name, repo, tag_key(tag, accept))
@@ -105,7 +100,7 @@ class ProxyManifestService:
             age = self._clock() - entry.fetched_at
             fresh = age < self._settings.tag_ttl or self._upstream.health.budget_low()
             if local is not None and fresh:
-                return ManifestResult(local, HIT)
+                return ManifestResult(local, Outcome.HIT)
             if local is not None:
                 return await self._revalidate(repo, tag, accept, entry, local, age)
             if fresh:
@@ -115,7 +110,7 @@ class ProxyManifestService:
         self._upstream.health.refuse_cold_pull()
         key = ("tag", repo, tag, _accept_key(accept))
         manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))
-        return ManifestResult(manifest, MISS)
+        return ManifestResult(manifest, Outcome.MISS)
 
     async def _revalidate(
         self,
@@ -142,8 +137,9 @@ class ProxyManifestService:
                 exc.message,
                 extra={"upstream": self._settings.name, "repo": repo, "tag": tag},
             )
-            return ManifestResult(local, STALE)
-        return ManifestResult(head, REVALIDATED if head.digest == local.digest else MISS)
+            return ManifestResult(local, Outcome.STALE)
+        outcome = Outcome.REVALIDATED if head.digest == local.digest else Outcome.MISS
+        return ManifestResult(head, outcome)
 
     async def _head_tag(
         self, repo: str, tag: str, accept: str | None, entry: TagEntry
@@ -165,10 +161,11 @@ class ProxyManifestService:
         assert fetched.body is not None
         manifest = await self._store.put(fetched.digest, fetched.media_type, fetched.body)
         # The repository holds the manifest and everything it references.
-        await self._links.link(
-            self._settings.name, repo, [manifest.digest, *references(manifest.body)]
-        )
+        await self._scope(repo).record([manifest.digest, *references(manifest.body)])
         return manifest
+
+    def _scope(self, repo: str) -> RepositoryScope:
+        return RepositoryScope(self._links, self._settings.name, repo)
 
     async def _record_tag(
         self, repo: str, tag: str, accept: str | None, manifest: StoredManifest

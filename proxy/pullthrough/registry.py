@@ -1,15 +1,16 @@
 """The composition of the pull-through services: the one place chains are assembled.
 
-Descriptor chain for blobs, outermost first. The shared part is built once::
+The descriptor cache, shared by every repository, is built once::
 
     CachedBlobStatter(memory, CachedBlobStatter(redis, disk))     (redis only if configured)
 
-with each layer wrapped in ``instrumented(<layer>)``. Per request it is completed for one
-(upstream, repository)::
+with each layer wrapped in ``instrumented(<layer>)``. A blob request gets one chain for its
+(upstream, repository), outermost first (``proxy.pullthrough.blobs``)::
 
-    [middleware ..., e.g. stats, access control]
-      -> RepositoryScopedStatter(links)            only digests linked to this repository
-        -> CachedBlobStatter(shared, UpstreamBlobStatter(repo))   HEAD upstream on a miss
+    [middleware ..., e.g. access control, quotas]   from the registry's ``middleware``
+      -> ScopedBlobs(links)                 only digests this repository holds
+        -> LocalBlobs(store, descriptors)   the committed file; HEAD from the cache
+          -> FetchedBlobs(upstream)         join or start the fetch; HEAD upstream
 
 Tags and links: an in-memory L1 before an L2 that is Redis when configured, else a
 SQLite file in the cache directory.
@@ -38,12 +39,19 @@ from proxy.cache.redis import (
     connect,
 )
 from proxy.cache.tiered import TieredLinkStore, TieredTagStore
-from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, LinkService, TagService
-from proxy.pullthrough.blobs import ProxyBlobStore
+from proxy.interfaces import (
+    BlobDescriptorService,
+    BlobMiddleware,
+    BlobSource,
+    BlobStore,
+    LinkService,
+    RepositoryBlobs,
+    TagService,
+)
+from proxy.pullthrough.blobs import FetchedBlobs, LocalBlobs, RepositoryScope, ScopedBlobs
 from proxy.pullthrough.inflight import InflightBlobFetches
 from proxy.pullthrough.manifests import ProxyManifestService
 from proxy.pullthrough.relays import RelayCache
-from proxy.pullthrough.scoped import RepositoryScopedStatter, UpstreamBlobStatter
 from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.eviction import Evictor
@@ -63,17 +71,21 @@ def build_shared_descriptors(
     return CachedBlobStatter(memory, backend)
 
 
-def build_repository_chain(
-    shared: BlobDescriptorService,
-    links: LinkService,
-    client: UpstreamClient,
+def build_repository_blobs(
+    source: BlobSource,
     repo: str,
-    middleware: Sequence[DescriptorMiddleware] = (),
-) -> BlobDescriptorService:
-    """The per-request chain; the first middleware in the list is the outermost."""
-    upstream = instrumented("upstream")(UpstreamBlobStatter(client, repo))
-    service: BlobDescriptorService = RepositoryScopedStatter(
-        links, client.name, repo, CachedBlobStatter(shared, upstream), upstream
+    *,
+    store: BlobStore,
+    descriptors: BlobDescriptorService,
+    links: LinkService,
+    inflight: InflightBlobFetches,
+    middleware: Sequence[BlobMiddleware] = (),
+) -> RepositoryBlobs:
+    """One repository's blob chain; the first middleware in the list is the outermost."""
+    fetched = FetchedBlobs(source, repo, inflight, descriptors)
+    scope = RepositoryScope(links, source.name, repo)
+    service: RepositoryBlobs = ScopedBlobs(
+        scope, LocalBlobs(store, descriptors, fetched), fetched
     )
     for wrap in reversed(middleware):
         service = wrap(service)
@@ -93,7 +105,7 @@ class PullThroughRegistry:
     """Everything the API needs, built from settings; opened and closed by the app."""
 
     def __init__(
-        self, settings: Settings, *, middleware: Sequence[DescriptorMiddleware] = ()
+        self, settings: Settings, *, middleware: Sequence[BlobMiddleware] = ()
     ) -> None:
         self.settings = settings
         self.middleware = tuple(middleware)
@@ -175,10 +187,17 @@ class PullThroughRegistry:
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]
 
-    def blobs(self, upstream: UpstreamSettings, repo: str) -> ProxyBlobStore:
-        client = self.upstreams[upstream.name].client
-        chain = build_repository_chain(self.descriptors, self.links, client, repo, self.middleware)
-        return ProxyBlobStore(client, repo, self.store, chain, self.links, self.inflight)
+    def blobs(self, upstream: UpstreamSettings, repo: str) -> RepositoryBlobs:
+        """The blob chain for one request to ``<upstream>/<repo>``."""
+        return build_repository_blobs(
+            self.upstreams[upstream.name].client,
+            repo,
+            store=self.store,
+            descriptors=self.descriptors,
+            links=self.links,
+            inflight=self.inflight,
+            middleware=self.middleware,
+        )
 
 
 def _precreate_series(upstreams: list[str]) -> None:

@@ -17,8 +17,8 @@ from cachetools import LRUCache
 
 from proxy import metrics
 from proxy.errors import TooManyRequests, UpstreamError
+from proxy.model import Outcome
 from proxy.pullthrough.coalesce import Coalescer
-from proxy.pullthrough.manifests import HIT, MISS, STALE
 from proxy.settings import UpstreamSettings
 from proxy.upstream.client import PassThrough
 
@@ -29,7 +29,7 @@ MAX_CACHED_BODY = 1 << 20
 @dataclass(frozen=True, slots=True)
 class Relayed:
     answer: PassThrough
-    outcome: str
+    outcome: Outcome
 
 
 class RelayCache:
@@ -57,7 +57,7 @@ class RelayCache:
         age = self._clock() - cached[0] if cached is not None else 0.0
         if cached is not None and age < self._settings.tag_ttl:
             metrics.CACHE_LOOKUPS.labels(self._kind, "memory", "hit").inc()
-            return Relayed(cached[1], HIT)
+            return Relayed(cached[1], Outcome.HIT)
         metrics.CACHE_LOOKUPS.labels(self._kind, "memory", "miss").inc()
         try:
             answer = await self._coalescer.run(key, call)
@@ -65,7 +65,7 @@ class RelayCache:
             if cached is None or age - self._settings.tag_ttl > self._settings.max_stale:
                 raise
             metrics.STALE_SERVES.labels(self._settings.name).inc()
-            return Relayed(cached[1], STALE)
+            return Relayed(cached[1], Outcome.STALE)
         if len(answer.body) <= MAX_CACHED_BODY:
             self._entries[key] = (self._clock(), answer)
-        return Relayed(answer, MISS)
+        return Relayed(answer, Outcome.MISS)

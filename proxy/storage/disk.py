@@ -9,7 +9,7 @@ A blob is written to ``tmp/``, hashed while it streams, verified against the dig
 size it was asked for, fsynced and renamed into ``blobs/``: a file under its final name
 is always complete, and a crash leaves at worst a ``.part`` file that the next start
 removes. Blocking file calls run in the default executor, except ``stat`` of a committed
-blob, a metadata look-up that costs less than the thread hop would.
+blob (and its occasional ``utime``), metadata calls that cost less than the thread hop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
 PART_SUFFIX = ".part"
+TOUCH_INTERVAL = 60.0
+"""Seconds between two refreshes of a blob's mtime (its "last used" for eviction)."""
 
 
 class DiskBlobStore(BlobStore):
@@ -96,15 +99,21 @@ class DiskBlobStore(BlobStore):
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
 
-    def stat_file(self, digest: Digest) -> os.stat_result:
-        """The committed file's stat; raises BlobUnknown when it is absent."""
+    async def stat(self, digest: Digest) -> Descriptor:
+        """The committed blob's descriptor; raises BlobUnknown when it is absent.
+
+        Also the eviction's record of use: the file's mtime is refreshed when it is older
+        than ``TOUCH_INTERVAL``, so the access time costs at most one write a minute.
+        """
+        path = self.path(digest)
         try:
-            return os.stat(self.path(digest))
+            st = os.stat(path)
         except FileNotFoundError:
             raise BlobUnknown(f"blob {digest} is not cached") from None
-
-    async def stat(self, digest: Digest) -> Descriptor:
-        return Descriptor(digest, self.stat_file(digest).st_size)
+        if time.time() - st.st_mtime >= TOUCH_INTERVAL:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+        return Descriptor(digest, st.st_size)
 
     async def read(self, digest: Digest, limit: int) -> bytes:
         def _read() -> bytes:

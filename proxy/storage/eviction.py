@@ -2,7 +2,7 @@
 
 When committed content exceeds ``max_bytes``, one background pass deletes the least
 recently used files until it is under ``LOW_WATERMARK`` of the limit. "Used" is the
-file's mtime, which serving a blob refreshes (at most once per ``TOUCH_INTERVAL``); a file
+file's mtime, which the store's ``stat`` refreshes (at most once per ``TOUCH_INTERVAL``); a file
 touched within ``MIN_AGE`` is never evicted, so nothing that is being served or has just
 been fetched is deleted under a client. A blob being fetched is not under its final
 name yet, so it cannot be evicted either. Deleting an open file is safe on POSIX: a
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 
 LOW_WATERMARK = 0.9
 MIN_AGE = 300.0
-TOUCH_INTERVAL = 60.0
 
 
 class Evictor:
@@ -93,11 +91,3 @@ class Evictor:
                 self._store.used_bytes,
                 self._max,
             )
-
-
-def touch(path: os.PathLike[str] | str, mtime: float, now: float) -> None:
-    """Mark a blob used (refresh its mtime) unless that was done recently. Blocking but
-    cheap (one utime, at most once per TOUCH_INTERVAL per blob)."""
-    if now - mtime >= TOUCH_INTERVAL:
-        with suppress(FileNotFoundError):
-            os.utime(path)

@@ -37,7 +37,13 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from proxy.interfaces import UpstreamBlob
+from proxy.interfaces import (
+    BlobSource,
+    ManifestSource,
+    UpstreamBlob,
+    UpstreamBlobHead,
+    UpstreamManifest,
+)
 from proxy.model import MANIFEST_MEDIA_TYPES, Digest, sniff_media_type
 from proxy.settings import UpstreamSettings
 from proxy.upstream.auth import UpstreamAuth
@@ -53,22 +59,6 @@ RETRY_BASE_DELAY = 0.05
 READ_BUFSIZE = 1 << 20
 MAX_EXTRA_RESUMES = 3
 DEFAULT_MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamManifest:
-    """A manifest as the upstream answered it; ``body`` is None for HEAD."""
-
-    digest: Digest
-    media_type: str
-    size: int
-    body: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamBlobHead:
-    size: int | None
-    digest: Digest | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +127,7 @@ class AiohttpUpstreamBlob(UpstreamBlob):
                 r.release()
 
 
-class UpstreamClient:
+class UpstreamClient(BlobSource, ManifestSource):
     def __init__(
         self,
         settings: UpstreamSettings,
@@ -151,7 +141,7 @@ class UpstreamClient:
         self._origin = _origin(settings.url)
         self._session = session
         self._auth = UpstreamAuth(session, settings.username, settings.password)
-        self.health = health or UpstreamHealth(
+        self.health: UpstreamHealth = health or UpstreamHealth(
             settings.name,
             failures=settings.failure_threshold,
             cooldown=settings.cooldown,

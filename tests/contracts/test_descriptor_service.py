@@ -25,7 +25,6 @@ from proxy.errors import BlobUnknown
 from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
 from proxy.model import Descriptor, Digest
 from proxy.pullthrough.registry import build_shared_descriptors
-from proxy.pullthrough.scoped import RepositoryScopedStatter
 from proxy.storage.disk import DiskBlobStore
 
 
@@ -88,12 +87,8 @@ DESCRIPTOR_SERVICES: dict[str, ServiceFactory] = {
     "instrumented(Memory)": lambda b: instrumented("memory")(MemoryDescriptorCache(100)),
     "shared(memory,disk)": lambda b: build_shared_descriptors(b.store(), 100, None),
     "shared(memory,redis,disk)": lambda b: build_shared_descriptors(b.store(), 100, b.redis()),
-    "RepositoryScopedStatter": lambda b: RepositoryScopedStatter(
-        MemoryLinkStore(100),
-        "up",
-        "team/app",
-        CachedBlobStatter(MemoryDescriptorCache(100), EmptyUpstream()),
-        EmptyUpstream(),
+    "CachedBlobStatter(Memory,EmptyUpstream)": lambda b: CachedBlobStatter(
+        MemoryDescriptorCache(100), EmptyUpstream()
     ),
 }
 

@@ -11,7 +11,7 @@
 - A hung Redis adds no latency once the breaker is open.
 - Repository scoping: bytes are shared on disk, but a digest is served for a repository
   only after the upstream confirmed that repository holds it.
-- Descriptor middleware: the first in the list is the outermost.
+- Blob middleware: the first in the list is the outermost.
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ from proxy.cache.redis import (
     RedisBreaker as Breaker,
 )
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobDescriptorService, DescriptorMiddleware, TagEntry
-from proxy.model import Descriptor, Digest
-from proxy.pullthrough.registry import PullThroughRegistry, build_repository_chain
+from proxy.interfaces import (
+    BlobDescriptorService,
+    BlobMiddleware,
+    OpenedBlob,
+    RepositoryBlobs,
+    TagEntry,
+)
+from proxy.model import Descriptor, Digest, Outcome
+from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.settings import Settings
 
 from . import oci
@@ -525,10 +531,10 @@ async def test_blob_is_served_for_a_repository_only_once_upstream_confirms_it(
 # --------------------------------------------------------------------------- middleware
 
 
-class Recording(BlobDescriptorService):
-    """A descriptor middleware that records entering and leaving each call."""
+class Recording(RepositoryBlobs):
+    """A blob middleware that records entering and leaving each call."""
 
-    def __init__(self, name: str, calls: list[str], inner: BlobDescriptorService) -> None:
+    def __init__(self, name: str, calls: list[str], inner: RepositoryBlobs) -> None:
         self._name = name
         self._calls = calls
         self._inner = inner
@@ -540,17 +546,16 @@ class Recording(BlobDescriptorService):
         finally:
             self._calls.append(f"{self._name}<stat")
 
-    async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
-        self._calls.append(f"{self._name}>set")
-        await self._inner.set_descriptor(digest, descriptor)
+    async def open(self, digest: Digest) -> OpenedBlob:
+        self._calls.append(f"{self._name}>open")
+        try:
+            return await self._inner.open(digest)
+        finally:
+            self._calls.append(f"{self._name}<open")
 
-    async def clear(self, digest: Digest) -> None:
-        self._calls.append(f"{self._name}>clear")
-        await self._inner.clear(digest)
 
-
-def recording(name: str, calls: list[str]) -> DescriptorMiddleware:
-    def wrap(inner: BlobDescriptorService) -> BlobDescriptorService:
+def recording(name: str, calls: list[str]) -> BlobMiddleware:
+    def wrap(inner: RepositoryBlobs) -> RepositoryBlobs:
         return Recording(name, calls, inner)
 
     return wrap
@@ -574,10 +579,7 @@ async def test_first_middleware_is_outermost(
     await pull_through.open()
     try:
         upstream = settings.upstreams[0]
-        client = pull_through.services(upstream).client
-        chain = build_repository_chain(
-            pull_through.descriptors, pull_through.links, client, "mw/app", pull_through.middleware
-        )
+        chain = pull_through.blobs(upstream, "mw/app")
         assert await chain.stat(Digest.parse(layer.digest)) == Descriptor(
             Digest.parse(layer.digest), layer.size
         )
@@ -587,9 +589,14 @@ async def test_first_middleware_is_outermost(
             ("HEAD", f"/v2/mw/app/blobs/{layer.digest}")
         ], "the innermost link asked the upstream"
 
-        # The request path (ProxyBlobStore.head) uses the same chain, same order.
+        # A GET goes through the same chain, same order.
         calls.clear()
-        head = await pull_through.blobs(upstream, "mw/app").head(Digest.parse(image.config.digest))
+        opened = await pull_through.blobs(upstream, "mw/app").open(Digest.parse(layer.digest))
+        assert opened.outcome is Outcome.MISS
+        assert calls == [f"{first}>open", f"{second}>open", f"{second}<open", f"{first}<open"]
+        await pull_through.inflight.wait_idle()
+        calls.clear()
+        head = await pull_through.blobs(upstream, "mw/app").stat(Digest.parse(image.config.digest))
         assert head.size == image.config.size
         assert calls == [f"{first}>stat", f"{second}>stat", f"{second}<stat", f"{first}<stat"]
     finally:

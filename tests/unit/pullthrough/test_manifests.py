@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -23,25 +23,19 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from proxy.interfaces import ManifestSource, UpstreamManifest
 from proxy.model import (
     MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
     Digest,
+    Outcome,
     Reference,
 )
-from proxy.pullthrough.manifests import (
-    HIT,
-    MISS,
-    REVALIDATED,
-    STALE,
-    ManifestResult,
-    ProxyManifestService,
-)
+from proxy.pullthrough.manifests import ManifestResult, ProxyManifestService
 from proxy.settings import UpstreamSettings
 from proxy.storage.disk import DiskBlobStore
 from proxy.storage.manifests import ManifestStore
-from proxy.upstream.client import UpstreamClient, UpstreamManifest
 from proxy.upstream.health import UpstreamHealth
 from tests.unit.fake_registry import manifest_body
 
@@ -61,7 +55,7 @@ class Call:
     accept: str | None
 
 
-class FakeUpstream:
+class FakeUpstream(ManifestSource):
     """Plays ``UpstreamClient.get_manifest``; tags map to variants chosen by Accept."""
 
     def __init__(self) -> None:
@@ -130,7 +124,7 @@ def make_rig(tmp_path: Path, **settings: Any) -> Rig:
     clock = Clock()
     service = ProxyManifestService(
         UpstreamSettings(name="fake", url="http://127.0.0.1:1", tag_ttl=TTL, **settings),
-        cast(UpstreamClient, upstream),
+        upstream,
         store,
         MemoryTagStore(100),
         MemoryLinkStore(100),
@@ -154,7 +148,7 @@ async def test_first_pull_fetches_and_stores(rig: Rig) -> None:
 
     result = await rig.get("v1")
 
-    assert result.outcome == MISS
+    assert result.outcome == Outcome.MISS
     assert result.manifest.body == V1
     assert result.manifest.digest == Digest.of(V1)
     assert result.manifest.media_type == MEDIA_TYPE_OCI_MANIFEST
@@ -170,7 +164,7 @@ async def test_tag_within_ttl_makes_no_upstream_call(rig: Rig) -> None:
     rig.clock.now += TTL - 1
     result = await rig.get("v1")
 
-    assert result.outcome == HIT
+    assert result.outcome == Outcome.HIT
     assert result.manifest.body == V1
     assert rig.upstream.calls == []
 
@@ -183,14 +177,14 @@ async def test_after_ttl_same_digest_is_one_head_and_no_get(rig: Rig) -> None:
     rig.clock.now += TTL + 1
     result = await rig.get("v1")
 
-    assert result.outcome == REVALIDATED
+    assert result.outcome == Outcome.REVALIDATED
     assert result.manifest.body == V1
     assert rig.upstream.calls == [Call("HEAD", REPO, "v1", None)]
 
     # Revalidation refreshed the mapping: fresh again for another TTL.
     rig.upstream.calls.clear()
     rig.clock.now += TTL - 1
-    assert (await rig.get("v1")).outcome == HIT
+    assert (await rig.get("v1")).outcome == Outcome.HIT
     assert rig.upstream.calls == []
 
 
@@ -203,7 +197,7 @@ async def test_after_ttl_new_digest_is_fetched_by_digest(rig: Rig) -> None:
     rig.clock.now += TTL + 1
     result = await rig.get("v1")
 
-    assert result.outcome == MISS
+    assert result.outcome == Outcome.MISS
     assert result.manifest.body == V2
     assert rig.upstream.calls == [
         Call("HEAD", REPO, "v1", None),
@@ -232,7 +226,7 @@ async def test_upstream_failure_after_ttl_serves_stale(rig: Rig, error: Registry
     rig.clock.now += TTL + 1
     result = await rig.get("v1")
 
-    assert result.outcome == STALE
+    assert result.outcome == Outcome.STALE
     assert result.manifest.body == V1
     assert rig.upstream.methods() == ["HEAD"]
 
@@ -245,7 +239,7 @@ async def test_stale_is_not_served_beyond_max_stale(tmp_path: Path) -> None:
         rig.upstream.error = UpstreamUnavailable("down")
 
         rig.clock.now += TTL + 3600 - 1
-        assert (await rig.get("v1")).outcome == STALE
+        assert (await rig.get("v1")).outcome == Outcome.STALE
         rig.clock.now += 2
         with pytest.raises(UpstreamUnavailable):
             await rig.get("v1")
@@ -341,7 +335,7 @@ async def test_concurrent_revalidations_are_one_head(rig: Rig) -> None:
 
     results = await asyncio.gather(*pulls)
 
-    assert {r.outcome for r in results} == {REVALIDATED}
+    assert {r.outcome for r in results} == {Outcome.REVALIDATED}
     assert rig.upstream.methods() == ["HEAD"]
 
 
@@ -352,7 +346,7 @@ async def test_low_pull_budget_serves_tags_without_revalidating(rig: Rig) -> Non
     rig.upstream.calls.clear()
 
     rig.clock.now += TTL + 1
-    assert (await rig.get("v1")).outcome == HIT
+    assert (await rig.get("v1")).outcome == Outcome.HIT
     with pytest.raises(TooManyRequests):
         await rig.get("v2")  # a cold pull is refused to keep the last pulls
     assert rig.upstream.calls == []
@@ -368,7 +362,7 @@ async def test_by_digest_miss_then_hit(rig: Rig) -> None:
     first = await rig.get(digest)
     second = await rig.get(digest)
 
-    assert (first.outcome, second.outcome) == (MISS, HIT)
+    assert (first.outcome, second.outcome) == (Outcome.MISS, Outcome.HIT)
     assert first.manifest.body == second.manifest.body == V1
     assert rig.upstream.calls == [Call("GET", REPO, digest, None)]
 
@@ -377,7 +371,7 @@ async def test_by_digest_after_tag_pull_is_a_hit(rig: Rig) -> None:
     rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
     await rig.get("v1")
     rig.upstream.calls.clear()
-    assert (await rig.get(str(Digest.of(V1)))).outcome == HIT
+    assert (await rig.get(str(Digest.of(V1)))).outcome == Outcome.HIT
     assert rig.upstream.calls == []
 
 
@@ -400,7 +394,7 @@ async def test_by_digest_cached_for_another_repository_is_confirmed_upstream(rig
 
     result = await rig.get(digest)
 
-    assert result.outcome == HIT
+    assert result.outcome == Outcome.HIT
     assert rig.upstream.calls == [Call("HEAD", REPO, digest, None)]
     rig.upstream.calls.clear()
     await rig.get(digest)
