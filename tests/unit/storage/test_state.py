@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,15 @@ def entry(digest: Digest = D1, fetched_at: float = 1_764_000_000.0) -> TagEntry:
     return TagEntry(digest, MANIFEST, 512, fetched_at)
 
 
-def raw(states: States) -> sqlite3.Connection:
-    """A second connection to the file, as another process (or a corruption) would have."""
-    return sqlite3.connect(states.root / STATE_FILE, isolation_level=None)
+@contextmanager
+def raw(states: States) -> Iterator[sqlite3.Connection]:
+    """A second connection to the file, as another process (or a corruption) would have;
+    closed on leaving (``with sqlite3.connect()`` alone only ends a transaction)."""
+    db = sqlite3.connect(states.root / STATE_FILE, isolation_level=None)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 # --- the file -----------------------------------------------------------------------------
