@@ -1,6 +1,6 @@
-"""Contract suites: one BlobDescriptorService suite, one TagService suite and one
-LinkService suite, each run against every implementation (after Distribution's
-``cache/cachecheck``).
+"""BlobDescriptorService contract suite, run against every implementation (after
+Distribution's ``cache/cachecheck``). The TagService and LinkService suites are in
+``test_tag_service.py`` and ``test_link_service.py``.
 
 The descriptor contract, from ``proxy.interfaces``: ``stat`` of an unknown digest raises
 ``BlobUnknown``; ``set_descriptor`` then ``stat`` returns what was set; ``clear`` then
@@ -18,11 +18,10 @@ import pytest
 
 from proxy.cache.cached import CachedBlobStatter
 from proxy.cache.instrumented import instrumented
-from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore, MemoryTagStore
-from proxy.cache.redis import RedisDescriptorCache, RedisLayer, RedisLinkStore, RedisTagStore
-from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore
+from proxy.cache.redis import RedisDescriptorCache, RedisLayer
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
+from proxy.interfaces import BlobDescriptorService
 from proxy.model import Descriptor, Digest
 from proxy.pullthrough.registry import build_shared_descriptors
 from proxy.storage.disk import DiskBlobStore
@@ -210,102 +209,3 @@ async def test_cached_statter_fills_the_cache_from_the_backend() -> None:
     assert await statter.stat(DIGEST) == DESCRIPTOR
     await backend.clear(DIGEST)
     assert await cache.stat(DIGEST) == DESCRIPTOR
-
-
-# --- TagService ---------------------------------------------------------------------------
-
-TagFactory = Callable[[Backends], TagService]
-TAG_TTL = 300.0
-
-TAG_SERVICES: dict[str, TagFactory] = {
-    "MemoryTagStore": lambda b: MemoryTagStore(100),
-    "RedisTagStore": lambda b: RedisTagStore(b.redis()),
-    "TieredTagStore(Memory,Redis)": lambda b: TieredTagStore(
-        MemoryTagStore(100), RedisTagStore(b.redis()), lambda _name: TAG_TTL, l2_layer="redis"
-    ),
-}
-
-
-@pytest.fixture(params=list(TAG_SERVICES.values()), ids=list(TAG_SERVICES))
-def tags(request: pytest.FixtureRequest, backends: Backends) -> TagService:
-    factory: TagFactory = request.param
-    return factory(backends)
-
-
-ENTRY = TagEntry(DIGEST, "application/vnd.oci.image.manifest.v1+json", 512, 1000.25)
-
-
-async def test_tag_get_of_unknown_is_none(tags: TagService) -> None:
-    assert await tags.get("hub", "library/nginx", "latest") is None
-
-
-async def test_tag_set_then_get(tags: TagService) -> None:
-    await tags.set("hub", "library/nginx", "latest", ENTRY)
-    assert await tags.get("hub", "library/nginx", "latest") == ENTRY
-
-
-async def test_tag_set_replaces_and_is_idempotent(tags: TagService) -> None:
-    await tags.set("hub", "library/nginx", "latest", ENTRY)
-    newer = TagEntry(digest_of("newer"), ENTRY.media_type, 600, 2000.5)
-    await tags.set("hub", "library/nginx", "latest", newer)
-    await tags.set("hub", "library/nginx", "latest", newer)
-    assert await tags.get("hub", "library/nginx", "latest") == newer
-
-
-async def test_tags_are_keyed_by_upstream_repo_and_tag(tags: TagService) -> None:
-    await tags.set("hub", "library/nginx", "latest", ENTRY)
-    assert await tags.get("ghcr", "library/nginx", "latest") is None
-    assert await tags.get("hub", "library/redis", "latest") is None
-    assert await tags.get("hub", "library/nginx", "stable") is None
-    assert await tags.get("hub", "library", "nginx/latest") is None
-
-
-async def test_tag_entries_are_kept_past_any_ttl(tags: TagService) -> None:
-    # A mapping past its TTL is what a stale serve needs: stores never expire it early.
-    ancient = TagEntry(DIGEST, ENTRY.media_type, 512, 1.0)
-    await tags.set("hub", "library/nginx", "old", ancient)
-    assert await tags.get("hub", "library/nginx", "old") == ancient
-
-
-# --- LinkService --------------------------------------------------------------------------
-
-LinkFactory = Callable[[Backends], LinkService]
-
-LINK_SERVICES: dict[str, LinkFactory] = {
-    "MemoryLinkStore": lambda b: MemoryLinkStore(100),
-    "RedisLinkStore": lambda b: RedisLinkStore(b.redis()),
-    "TieredLinkStore(Memory,Redis)": lambda b: TieredLinkStore(
-        MemoryLinkStore(100), RedisLinkStore(b.redis())
-    ),
-}
-
-
-@pytest.fixture(params=list(LINK_SERVICES.values()), ids=list(LINK_SERVICES))
-def links(request: pytest.FixtureRequest, backends: Backends) -> LinkService:
-    factory: LinkFactory = request.param
-    return factory(backends)
-
-
-async def test_unknown_link_is_false(links: LinkService) -> None:
-    assert await links.linked("hub", "library/nginx", DIGEST) is False
-
-
-async def test_link_then_linked(links: LinkService) -> None:
-    other = digest_of("other")
-    await links.link("hub", "library/nginx", [DIGEST, other])
-    assert await links.linked("hub", "library/nginx", DIGEST) is True
-    assert await links.linked("hub", "library/nginx", other) is True
-
-
-async def test_link_is_idempotent_and_empty_is_fine(links: LinkService) -> None:
-    await links.link("hub", "library/nginx", [])
-    await links.link("hub", "library/nginx", [DIGEST])
-    await links.link("hub", "library/nginx", [DIGEST])
-    assert await links.linked("hub", "library/nginx", DIGEST) is True
-
-
-async def test_links_are_keyed_by_upstream_repo_and_digest(links: LinkService) -> None:
-    await links.link("hub", "library/nginx", [DIGEST])
-    assert await links.linked("ghcr", "library/nginx", DIGEST) is False
-    assert await links.linked("hub", "library/redis", DIGEST) is False
-    assert await links.linked("hub", "library/nginx", digest_of("other")) is False
