@@ -6,6 +6,10 @@ every cached tag and which repositories hold which digests. SQLite gives atomic,
 crash-safe writes for free (WAL journal). Calls run in a worker thread; one connection
 is shared under a lock. Rows older than the retention are pruned at start, so the file
 does not grow without bound.
+
+Like every cache layer it is advisory: a failing database (disk full, I/O error) makes a
+read a miss and a write a no-op, logged once until the database works again; the request
+goes on from memory and disk.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class SqliteState(TagService, LinkService):
         self._clock = clock
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._failing = False
 
     def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,13 +79,25 @@ class SqliteState(TagService, LinkService):
             self._db.close()
             self._db = None
 
-    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, call: Callable[[sqlite3.Connection], T], failed: T) -> T:
+        """``call`` on the connection in a worker thread; ``failed`` if SQLite fails."""
+
         def locked() -> T:
             with self._lock:
                 assert self._db is not None, "state store used before open()"
                 return call(self._db)
 
-        return await asyncio.to_thread(locked)
+        try:
+            result = await asyncio.to_thread(locked)
+        except sqlite3.Error as exc:
+            if not self._failing:
+                log.warning("state database failing, going on without it: %s", exc)
+            self._failing = True
+            return failed
+        if self._failing:
+            log.info("state database works again")
+            self._failing = False
+        return result
 
     async def get(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
         row: Any = await self._run(
@@ -88,14 +105,15 @@ class SqliteState(TagService, LinkService):
                 "SELECT digest, media_type, size, fetched_at FROM tags"
                 " WHERE upstream = ? AND repo = ? AND tag = ?",
                 (upstream, repo, tag),
-            ).fetchone()
+            ).fetchone(),
+            None,
         )
         if row is None:
             return None
         try:
             return TagEntry(Digest.parse(row[0]), row[1], int(row[2]), float(row[3]))
-        except RegistryError:
-            return None
+        except (RegistryError, TypeError, ValueError):
+            return None  # a damaged row is a miss
 
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         await self._run(
@@ -110,7 +128,8 @@ class SqliteState(TagService, LinkService):
                     entry.size,
                     entry.fetched_at,
                 ),
-            )
+            ),
+            None,
         )
 
     async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
@@ -118,7 +137,8 @@ class SqliteState(TagService, LinkService):
             lambda db: db.execute(
                 "SELECT 1 FROM links WHERE upstream = ? AND repo = ? AND digest = ?",
                 (upstream, repo, str(digest)),
-            ).fetchone()
+            ).fetchone(),
+            None,
         )
         return row is not None
 
@@ -128,5 +148,6 @@ class SqliteState(TagService, LinkService):
         now = self._clock()
         rows = [(upstream, repo, str(d), now) for d in digests]
         await self._run(
-            lambda db: db.executemany("INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)", rows)
+            lambda db: db.executemany("INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)", rows),
+            None,
         )

@@ -18,7 +18,7 @@ import pytest
 
 from proxy.cache.cached import CachedBlobStatter
 from proxy.cache.instrumented import instrumented
-from proxy.cache.memory import MemoryDescriptorCache, MemoryLinkStore
+from proxy.cache.memory import MemoryDescriptorCache
 from proxy.cache.redis import RedisDescriptorCache, RedisLayer
 from proxy.errors import BlobUnknown
 from proxy.interfaces import BlobDescriptorService
