@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.api.handlers import REGISTRY_KEY
@@ -31,8 +32,12 @@ class Rig:
     registry: FakeRegistry
 
 
-@pytest.fixture
-async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path) -> Rig:
+async def make_rig(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    **upstream_settings: Any,
+) -> Rig:
     registry = FakeRegistry()
     server = await aiohttp_server(registry.app())
     upstream = UpstreamSettings(
@@ -41,9 +46,20 @@ async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_
         aliases=(NS,),
         default=True,
         retries=0,
+        **upstream_settings,
     )
     settings = Settings(cache_dir=tmp_path / "cache", upstreams=(upstream,))
     return Rig(await aiohttp_client(create_app(settings)), registry)
+
+
+@pytest.fixture
+async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path) -> Rig:
+    return await make_rig(aiohttp_server, aiohttp_client, tmp_path)
+
+
+def served_bytes(source: str) -> float:
+    value = REGISTRY.get_sample_value("registry_proxy_served_bytes_total", {"source": source})
+    return value or 0.0
 
 
 async def fetches_done(rig: Rig) -> None:
@@ -207,6 +223,33 @@ async def test_manifest_miss_then_hit(rig: Rig) -> None:
     assert await second.read() == BODY
     assert second.headers["X-Cache"] == "HIT"
     assert len(rig.registry.v2_requests()) == 1
+
+
+async def test_served_bytes_count_local_manifests_as_cache(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """Revalidated and stale manifests are local bytes: counted as cache, not upstream."""
+    rig = await make_rig(aiohttp_server, aiohttp_client, tmp_path, tag_ttl=0.0)
+    rig.registry.add_manifest(REPO, "v1", BODY)
+    outcomes = []
+    before = served_bytes("cache"), served_bytes("upstream")
+
+    first = await rig.client.get(f"/v2/{REPO}/manifests/v1")
+    assert await first.read() == BODY
+    outcomes.append(first.headers["X-Cache"])
+    revalidated = await rig.client.get(f"/v2/{REPO}/manifests/v1")
+    assert await revalidated.read() == BODY
+    outcomes.append(revalidated.headers["X-Cache"])
+    rig.registry.failure = Failure(503)
+    stale = await rig.client.get(f"/v2/{REPO}/manifests/v1")
+    assert await stale.read() == BODY
+    outcomes.append(stale.headers["X-Cache"])
+    assert stale.headers["Warning"] == '110 - "Response is Stale"'
+
+    assert outcomes == ["MISS", "REVALIDATED", "STALE"]
+    cache = served_bytes("cache") - before[0]
+    upstream = served_bytes("upstream") - before[1]
+    assert (cache, upstream) == (2 * len(BODY), len(BODY))
 
 
 async def test_manifest_head(rig: Rig) -> None:
