@@ -19,16 +19,20 @@ guessing its digest, and no upstream request is spent on what a link already pro
 
 Presence is the local store's business: a file under its final name is complete, so a
 GET asks the store (one ``stat``), not the descriptor caches, which may know of content
-this disk does not hold (learned by a HEAD, or from another replica through Redis).
+this disk does not hold (learned by a HEAD, or from another replica through Redis). Both
+the store's ``stat`` and the upstream HEAD are descriptor layers wrapped in
+``instrumented``, so look-ups are counted per layer (disk, upstream) in one place.
 """
 
 from __future__ import annotations
 
+from proxy.cache.instrumented import instrumented
 from proxy.errors import BlobUnknown
 from proxy.interfaces import (
     BlobDescriptorService,
+    BlobProvider,
     BlobSource,
-    BlobStore,
+    BlobStatter,
     FetchingBlob,
     LinkService,
     LocalBlob,
@@ -93,12 +97,21 @@ class ScopedBlobs(RepositoryBlobs):
 
 
 class LocalBlobs(RepositoryBlobs):
-    """The committed file when there is one; otherwise the layer below."""
+    """The committed file when there is one; otherwise the layer below.
+
+    ``committed`` answers whether the file is there (the store's ``stat``, instrumented as
+    the disk layer); ``files`` says where it is.
+    """
 
     def __init__(
-        self, store: BlobStore, descriptors: BlobDescriptorService, inner: RepositoryBlobs
+        self,
+        committed: BlobStatter,
+        files: BlobProvider,
+        descriptors: BlobDescriptorService,
+        inner: RepositoryBlobs,
     ) -> None:
-        self._store = store
+        self._committed = committed
+        self._files = files
         self._descriptors = descriptors
         self._inner = inner
 
@@ -110,10 +123,10 @@ class LocalBlobs(RepositoryBlobs):
 
     async def open(self, digest: Digest) -> OpenedBlob:
         try:
-            descriptor = await self._store.stat(digest)
+            descriptor = await self._committed.stat(digest)
         except BlobUnknown:
             return await self._inner.open(digest)
-        return LocalBlob(descriptor, self._store.path(digest))
+        return LocalBlob(descriptor, self._files.path(digest))
 
 
 class FetchedBlobs(RepositoryBlobs):
@@ -138,16 +151,37 @@ class FetchedBlobs(RepositoryBlobs):
         fetch = self._inflight.get(digest)
         if fetch is not None and fetch.origin == self._origin and fetch.size is not None:
             return Descriptor(digest, fetch.size)  # arriving now: no need to ask
-        head = await self._source.head_blob(self._repo, digest)
-        if head.size is None:
-            raise BlobUnknown(f"upstream gave no size for blob {digest}")
-        descriptor = Descriptor(digest, head.size)
+        upstream = instrumented("upstream")(UpstreamBlobStatter(self._source, self._repo))
+        descriptor = await upstream.stat(digest)
         await self._descriptors.set_descriptor(digest, descriptor)
         return descriptor
 
     async def open(self, digest: Digest) -> OpenedBlob:
+        """Join the fetch of ``digest`` in progress, or start one for this repository;
+        returns once the upstream's headers are in (``BlobUnknown`` on its 404)."""
         fetch, coalesced = self._inflight.join(
             digest, lambda: self._source.open_blob(self._repo, digest), self._origin
         )
         await fetch.wait_ready()
         return FetchingBlob(fetch, Outcome.COALESCED if coalesced else Outcome.MISS)
+
+
+class UpstreamBlobStatter(BlobDescriptorService):
+    """HEAD ``/v2/<repo>/blobs/<digest>`` upstream, as a descriptor layer (so that
+    ``instrumented("upstream")`` counts it). Raises BlobUnknown on a 404."""
+
+    def __init__(self, source: BlobSource, repo: str) -> None:
+        self._source = source
+        self._repo = repo
+
+    async def stat(self, digest: Digest) -> Descriptor:
+        head = await self._source.head_blob(self._repo, digest)
+        if head.size is None:
+            raise BlobUnknown(f"upstream gave no size for blob {digest}")
+        return Descriptor(digest, head.size)
+
+    async def set_descriptor(self, digest: Digest, descriptor: Descriptor) -> None:
+        return None
+
+    async def clear(self, digest: Digest) -> None:
+        return None

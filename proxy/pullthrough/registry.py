@@ -42,8 +42,9 @@ from proxy.cache.tiered import TieredLinkStore, TieredTagStore
 from proxy.interfaces import (
     BlobDescriptorService,
     BlobMiddleware,
+    BlobProvider,
     BlobSource,
-    BlobStore,
+    BlobStatter,
     LinkService,
     RepositoryBlobs,
     TagService,
@@ -60,11 +61,16 @@ from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
 
 
+def local_statter(store: DiskBlobStore) -> BlobDescriptorService:
+    """The committed files as a descriptor layer, instrumented as ``disk``."""
+    return instrumented("disk")(DiskDescriptorService(store))
+
+
 def build_shared_descriptors(
     store: DiskBlobStore, max_entries: int, redis: RedisLayer | None
 ) -> BlobDescriptorService:
     """memory -> [redis ->] disk, each layer instrumented."""
-    backend: BlobDescriptorService = instrumented("disk")(DiskDescriptorService(store))
+    backend = local_statter(store)
     if redis is not None:
         backend = CachedBlobStatter(instrumented("redis")(RedisDescriptorCache(redis)), backend)
     memory = instrumented("memory")(MemoryDescriptorCache(max_entries))
@@ -75,17 +81,21 @@ def build_repository_blobs(
     source: BlobSource,
     repo: str,
     *,
-    store: BlobStore,
+    committed: BlobStatter,
+    files: BlobProvider,
     descriptors: BlobDescriptorService,
     links: LinkService,
     inflight: InflightBlobFetches,
     middleware: Sequence[BlobMiddleware] = (),
 ) -> RepositoryBlobs:
-    """One repository's blob chain; the first middleware in the list is the outermost."""
+    """One repository's blob chain; the first middleware in the list is the outermost.
+
+    ``committed`` says whether the local store holds a blob (``local_statter``) and
+    ``files`` where; ``descriptors`` is the shared descriptor cache."""
     fetched = FetchedBlobs(source, repo, inflight, descriptors)
     scope = RepositoryScope(links, source.name, repo)
     service: RepositoryBlobs = ScopedBlobs(
-        scope, LocalBlobs(store, descriptors, fetched), fetched
+        scope, LocalBlobs(committed, files, descriptors, fetched), fetched
     )
     for wrap in reversed(middleware):
         service = wrap(service)
@@ -113,6 +123,7 @@ class PullThroughRegistry:
         self.redis = RedisLayer(connect(settings.redis_url)) if settings.redis_url else None
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
+        self.committed = local_statter(self.store)
         self.manifest_store = ManifestStore(self.store)
         ttls = {up.name: up.tag_ttl for up in settings.upstreams}
         # L2 for tags and links: Redis when configured (shared by replicas), else the
@@ -192,7 +203,8 @@ class PullThroughRegistry:
         return build_repository_blobs(
             self.upstreams[upstream.name].client,
             repo,
-            store=self.store,
+            committed=self.committed,
+            files=self.store,
             descriptors=self.descriptors,
             links=self.links,
             inflight=self.inflight,

@@ -31,7 +31,7 @@ from proxy.interfaces import (
 )
 from proxy.model import Descriptor, Digest, Outcome
 from proxy.pullthrough.inflight import InflightBlobFetches
-from proxy.pullthrough.registry import build_repository_blobs
+from proxy.pullthrough.registry import build_repository_blobs, local_statter
 from proxy.storage.disk import DiskBlobStore
 
 DATA = b"layer bytes " * 1000
@@ -127,7 +127,8 @@ async def chain(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         return build_repository_blobs(
             source,
             repo,
-            store=store,
+            committed=local_statter(store),
+            files=store,
             descriptors=descriptors,
             links=links,
             inflight=inflight,
