@@ -115,21 +115,16 @@ class SqliteState(TagService, LinkService):
         except (RegistryError, TypeError, ValueError):
             return None  # a damaged row is a miss
 
+    async def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """Run ``sql`` for each row. The cursor is closed under the lock: one that
+        escaped it would be finalised in whatever thread drops it, racing the next
+        statement on the shared connection ("bad parameter or other API misuse")."""
+        await self._run(lambda db: db.executemany(sql, rows).close(), None)
+
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    upstream,
-                    repo,
-                    tag,
-                    str(entry.digest),
-                    entry.media_type,
-                    entry.size,
-                    entry.fetched_at,
-                ),
-            ),
-            None,
+        row = (upstream, repo, tag, str(entry.digest), entry.media_type, entry.size)
+        await self._write(
+            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)", [(*row, entry.fetched_at)]
         )
 
     async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
@@ -146,8 +141,5 @@ class SqliteState(TagService, LinkService):
         if not digests:
             return
         now = self._clock()
-        rows = [(upstream, repo, str(d), now) for d in digests]
-        await self._run(
-            lambda db: db.executemany("INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)", rows),
-            None,
-        )
+        rows: list[tuple[object, ...]] = [(upstream, repo, str(d), now) for d in digests]
+        await self._write("INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)", rows)

@@ -55,6 +55,9 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_TAGS_LIST_SIZE = 16 << 20
 BLOB_CHUNK = 1 << 20
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+UNWELL_STATUSES = frozenset({502, 503, 504})
+"""Answers that say the upstream (or what fronts it) is unwell: they count towards its
+breaker, as connection errors and timeouts do."""
 RETRY_BASE_DELAY = 0.05
 READ_BUFSIZE = 1 << 20
 MAX_EXTRA_RESUMES = 3
@@ -198,7 +201,9 @@ class UpstreamClient(BlobSource, ManifestSource):
 
         GET and HEAD are idempotent: connection errors, timeouts and 5xx are retried with
         jittered exponential backoff, ``settings.retries`` times. A request that still
-        fails counts once against the upstream's health.
+        fails counts once against the upstream's health when the failure says the
+        upstream is unwell (connection error, timeout, 502/503/504), not when it is one
+        this request provoked (another 5xx), so no client can open the breaker for all.
         """
         self.health.check()
         url = self._base + path
@@ -231,7 +236,11 @@ class UpstreamClient(BlobSource, ManifestSource):
                     attempt += 1
                     await self._backoff(attempt)
                     continue
-                self.health.failure(f"HTTP {resp.status}")
+                if resp.status in UNWELL_STATUSES:
+                    self.health.failure(f"HTTP {resp.status}")
+                # Any other 5xx is this request's trouble (a 500 for a name the upstream
+                # chokes on): it says nothing of the upstream's health, so it neither
+                # counts towards the breaker nor resets it.
                 raise UpstreamError(f"upstream {self.name} answered {resp.status}")
             self.health.success()
             try:
