@@ -20,6 +20,7 @@ from proxy.model import (
     MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
     Digest,
+    Outcome,
     Reference,
     accepts,
     is_digest,
@@ -358,3 +359,35 @@ def test_references_ignores_what_is_not_a_descriptor(body: bytes) -> None:
 
 def test_references_survives_deeply_nested_json() -> None:
     assert references(b'{"layers": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") == []
+
+
+# --- Outcome ---------------------------------------------------------------------------------
+
+# Written out rather than derived: X-Cache values and metric labels are an interface.
+OUTCOMES = [
+    # outcome, X-Cache, label, local, source
+    (Outcome.HIT, "HIT", "hit", True, "cache"),
+    (Outcome.MISS, "MISS", "miss", False, "upstream"),
+    (Outcome.COALESCED, "COALESCED", "coalesced", False, "upstream"),
+    (Outcome.REVALIDATED, "REVALIDATED", "revalidated", True, "cache"),
+    (Outcome.STALE, "STALE", "stale", True, "cache"),
+    (Outcome.DENIED, "DENIED", "denied", False, "upstream"),
+    (Outcome.ERROR, "ERROR", "error", False, "upstream"),
+    (Outcome.NONE, "NONE", "none", False, "upstream"),
+]
+
+
+def test_every_outcome_is_in_the_table() -> None:
+    assert {row[0] for row in OUTCOMES} == set(Outcome)
+    assert len(OUTCOMES) == len(Outcome)
+
+
+@pytest.mark.parametrize(("outcome", "header", "label", "local", "source"), OUTCOMES)
+def test_outcome_header_label_and_source(
+    outcome: Outcome, header: str, label: str, local: bool, source: str
+) -> None:
+    assert outcome.header == header
+    assert outcome.value == label
+    assert Outcome(label) is outcome
+    assert outcome.local is local
+    assert outcome.source == source
