@@ -1,4 +1,8 @@
-"""Command line: ``registry-proxy serve`` and ``registry-proxy check-config``."""
+"""Command line: ``registry-proxy serve`` and ``registry-proxy check-config``.
+
+The override flags are not listed here: one per ``proxy.settings.OPTIONS``, declared with
+the settings they override.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.settings import OPTIONS, ConfigError, Settings, load_settings
 
 EXIT_CONFIG_ERROR = 2
 
@@ -25,32 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", metavar="FILE", help="YAML configuration file")
-        cmd.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
-        cmd.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
-        cmd.add_argument("--cache-dir", metavar="DIR", help="local cache directory")
-        cmd.add_argument("--redis", metavar="URL", help="Redis URL for the shared cache")
-        cmd.add_argument("--max-size", metavar="SIZE", help="evict beyond this size (20GiB)")
-        cmd.add_argument("--tag-ttl", metavar="DURATION", help="tag TTL for every upstream")
-        cmd.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
-        cmd.add_argument("--log-format", metavar="FORMAT", help="text (default) or json")
-        cmd.add_argument(
-            "--metrics-listen", metavar="HOST:PORT", help="also serve /metrics on this address"
-        )
+        for option in OPTIONS:
+            cmd.add_argument(
+                option.flag, dest=option.name, metavar=option.key.metavar, help=option.key.help
+            )
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "listen": args.listen,
-        "upstream": args.upstream,
-        "cache_dir": args.cache_dir,
-        "redis": args.redis,
-        "max_size": args.max_size,
-        "tag_ttl": args.tag_ttl,
-        "log_level": args.log_level,
-        "log_format": args.log_format,
-        "metrics_listen": args.metrics_listen,
-    }
+    overrides = {option.name: getattr(args, option.name) for option in OPTIONS}
     return load_settings(args.config, overrides=overrides)
 
 

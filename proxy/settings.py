@@ -1,23 +1,58 @@
-"""Settings: parsed once, validated, frozen.
+"""Settings: declared once, parsed once, validated, frozen.
 
-This module is the only reader of the configuration file and of ``os.environ``.
-Precedence, lowest first: built-in defaults, the YAML file, ``REGISTRY_PROXY_<KEY>``
-environment variables, command-line flags. Every error names the key (or the
-environment variable) that is wrong, so an operator can fix it without reading code.
+The scheme. ``Settings`` and ``UpstreamSettings`` are msgspec Structs and they *are* the
+schema. A field's type carries its constraints (``msgspec.Meta``) and, as ``Annotated``
+markers, what the sources need to know:
+
+* ``Parse(fn)`` on a type: how a written value becomes the field's value (durations,
+  sizes, ``HOST:PORT``, URLs). One function per form, the same for every source.
+* ``Expect(text)`` on a type: what an operator is told when a value is refused.
+* ``Secret(render)`` on a field: how it appears in ``repr`` and ``to_dict``.
+* ``Key(...)`` on a field: its YAML path (``cache.dir``), the option that overrides it
+  and the option's help text.
+
+From that one declaration come the YAML keys accepted (any other is an "unknown key"),
+``to_dict`` (what ``check-config`` prints), and ``OPTIONS``: each option is both the
+environment variable ``REGISTRY_PROXY_<NAME>`` and the flag ``--<name>`` that
+``proxy.__main__`` adds to argparse. Every top-level and ``cache`` scalar has one; so do
+``tag_ttl`` (every upstream) and ``upstream`` (the default upstream's ``url``).
+
+Precedence, lowest first: the fields' defaults (named constants), the YAML file, the
+environment, the flags. Each value is converted on its own (``msgspec.convert`` to its
+field's type), so an error always names its key: the dotted path or ``upstreams[i].x``,
+the environment variable, or the flag. YAML values are converted strictly (``"10"`` is not
+a number); environment and flag values are text and converted leniently. ``null`` in the
+file means "not set". Rules across fields (password sources, duplicate names and
+aliases, the single default) run after conversion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import (
+    Annotated,
+    Any,
+    Final,
+    Literal,
+    TypeAlias,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 from urllib.parse import urlsplit
 
+import msgspec
 import yaml
+from msgspec import Meta
+from msgspec.structs import FieldInfo, fields, replace
 
 DEFAULT_LISTEN = "0.0.0.0:5000"
 DEFAULT_UPSTREAM_URL = "https://registry-1.docker.io"
@@ -33,11 +68,16 @@ DEFAULT_RATELIMIT_FLOOR = 10
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_COOLDOWN = 30.0
 DEFAULT_RETRIES = 2
-DEFAULT_LOG_LEVEL = "info"
+DEFAULT_LOG_LEVEL: Final = "info"
+DEFAULT_LOG_FORMAT: Final = "text"
 ENV_PREFIX = "REGISTRY_PROXY_"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS = ("text", "json")
-DEFAULT_LOG_FORMAT = "text"
+# The upstream the --upstream option turns the built-in Docker Hub default into.
+OVERRIDDEN_UPSTREAM_NAME = "upstream"
+
+LogLevelName = Literal["debug", "info", "warning", "error", "critical"]
+LogFormatName = Literal["text", "json"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevelName)
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormatName)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -64,6 +104,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+# --- the forms a value may be written in --------------------------------------------
 
 
 def parse_duration(value: object, key: str) -> float:
@@ -114,27 +157,168 @@ def parse_listen(value: object, key: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """One upstream registry."""
+def parse_directory(value: object, key: str) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ConfigError(key, "expected a directory path")
+    return Path(value)
 
-    name: str
-    url: str
-    aliases: tuple[str, ...] = ()
-    default: bool = False
-    tag_ttl: float = DEFAULT_TAG_TTL
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    password_env: str | None = None
-    password_file: str | None = None
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    max_stale: float = DEFAULT_MAX_STALE
-    stale_on_404: bool = False
-    ratelimit_floor: int = DEFAULT_RATELIMIT_FLOOR
-    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
-    cooldown: float = DEFAULT_COOLDOWN
-    retries: int = DEFAULT_RETRIES
+
+def parse_upstream_url(value: object, key: str) -> str:
+    """An http(s) origin without credentials, normalised to ``scheme://host[:port]``."""
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected an http(s) URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(key, f"expected an http(s) URL, got {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, "the URL must have no path, query or fragment")
+    if parts.username or parts.password:
+        raise ConfigError(key, "put credentials in username/password_env, not the URL")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_redis_url(value: object, key: str) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _lower(value: object, key: str) -> object:
+    """Names of levels and formats are case-insensitive (``ERROR`` from the environment)."""
+    return value.lower() if isinstance(value, str) else value
+
+
+# --- the markers the schema is annotated with -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Parse:
+    """On a type: turns a written value into one msgspec can check; raises ConfigError."""
+
+    fn: Callable[[object, str], object]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """On a type: the message when msgspec refuses a value, after ``expected``."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Show:
+    """On a type or field: ``render`` gives the value as the file writes it (``to_dict``)."""
+
+    render: Callable[[Any], object]
+
+
+@dataclass(frozen=True)
+class Secret(Show):
+    """On a field: ``render`` shows it without the secret, in ``repr`` too."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """On a field: where its value may come from besides its default.
+
+    ``path`` is the dotted YAML path (the field name when empty). ``option`` names the
+    environment variable and flag that override it (the field name when empty); with
+    ``overridable=False`` there are none. A field without a Key has a YAML key (its name)
+    and no option. On an upstream field the option applies to ``every`` upstream or only
+    to the ``default`` one.
+    """
+
+    path: str = ""
+    option: str = ""
+    overridable: bool = True
+    help: str = ""
+    metavar: str = "VALUE"
+    applies_to: Literal["every", "default"] = "every"
+
+
+def _join_listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show_address(address: tuple[str, int] | None) -> str | None:
+    return None if address is None else _join_listen(*address)
+
+
+def _redact_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":<redacted>@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _redact(secret: str | None) -> str | None:
+    return None if secret is None else "<redacted>"
+
+
+def _show_upstreams(upstreams: tuple[UpstreamSettings, ...]) -> list[dict[str, Any]]:
+    return [up.to_dict() for up in upstreams]
+
+
+Duration = Annotated[float, Parse(parse_duration)]
+Size = Annotated[int, Parse(parse_size)]
+Address = Annotated[tuple[str, int], Parse(parse_listen), Show(_show_address)]
+Directory = Annotated[Path, Parse(parse_directory), Show(str)]
+UpstreamUrl = Annotated[str, Parse(parse_upstream_url)]
+RedisUrl = Annotated[str, Parse(parse_redis_url)]
+Flag = Annotated[bool, Expect("true or false")]
+PositiveInt = Annotated[int, Meta(ge=1), Expect("a positive integer")]
+NonNegativeInt = Annotated[int, Meta(ge=0), Expect("an integer >= 0")]
+Text = Annotated[str, Expect("a string")]
+UpstreamName = Annotated[
+    str, Meta(pattern=_UPSTREAM_NAME.pattern), Expect("a lower-case name such as 'dockerhub'")
+]
+HostNames = Annotated[
+    tuple[Annotated[str, Meta(min_length=1)], ...], Expect("a list of host names"), Show(list)
+]
+LogLevel = Annotated[LogLevelName, Parse(_lower), Expect(f"one of {', '.join(LOG_LEVELS)}")]
+LogFormat = Annotated[LogFormatName, Parse(_lower), Expect(f"one of {', '.join(LOG_FORMATS)}")]
+
+
+# --- the schema ------------------------------------------------------------------------
+
+
+class UpstreamSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """One upstream registry: an item of ``upstreams`` in the file, keys as the fields.
+
+    Fields are in the order ``to_dict`` prints them.
+    """
+
+    name: UpstreamName
+    url: Annotated[
+        UpstreamUrl,
+        Key(
+            option="upstream",
+            applies_to="default",
+            help="URL of the default upstream",
+            metavar="URL",
+        ),
+    ]
+    aliases: HostNames = ()
+    default: Flag = False
+    tag_ttl: Annotated[Duration, Key(help="tag TTL for every upstream", metavar="DURATION")] = (
+        DEFAULT_TAG_TTL
+    )
+    connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: Duration = DEFAULT_READ_TIMEOUT
+    max_stale: Duration = DEFAULT_MAX_STALE
+    stale_on_404: Flag = False
+    ratelimit_floor: NonNegativeInt = DEFAULT_RATELIMIT_FLOOR
+    failure_threshold: PositiveInt = DEFAULT_FAILURE_THRESHOLD
+    cooldown: Duration = DEFAULT_COOLDOWN
+    retries: NonNegativeInt = DEFAULT_RETRIES
+    username: Text | None = None
+    password_env: Text | None = None
+    password_file: Text | None = None
+    # In the file: an inline password. Once loaded: the password, wherever it came from.
+    password: Annotated[Text | None, Secret(_redact)] = None
 
     @property
     def host(self) -> str:
@@ -146,44 +330,62 @@ class UpstreamSettings:
         return frozenset({self.host, *(a.lower() for a in self.aliases)})
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "url": self.url,
-            "aliases": list(self.aliases),
-            "default": self.default,
-            "tag_ttl": self.tag_ttl,
-            "connect_timeout": self.connect_timeout,
-            "read_timeout": self.read_timeout,
-            "max_stale": self.max_stale,
-            "stale_on_404": self.stale_on_404,
-            "ratelimit_floor": self.ratelimit_floor,
-            "failure_threshold": self.failure_threshold,
-            "cooldown": self.cooldown,
-            "retries": self.retries,
-        }
-        if self.username is not None:
-            out["username"] = self.username
-        if self.password_env is not None:
-            out["password_env"] = self.password_env
-        if self.password_file is not None:
-            out["password_file"] = self.password_file
-        if self.password is not None:
-            out["password"] = "<redacted>"
-        return out
+        """The file's form of this upstream; unset optional keys are left out."""
+        return {k: v for k, v in _shown(self).items() if v is not None}
+
+    def __repr__(self) -> str:
+        return _repr(self)
 
 
-@dataclass(frozen=True)
-class Settings:
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 5000
-    cache_dir: Path = Path(DEFAULT_CACHE_DIR)
-    redis_url: str | None = field(default=None, repr=False)
-    memory_entries: int = DEFAULT_MEMORY_ENTRIES
-    max_size: int | None = None
-    log_level: str = DEFAULT_LOG_LEVEL
-    log_format: str = DEFAULT_LOG_FORMAT
-    metrics_listen: tuple[str, int] | None = None
-    upstreams: tuple[UpstreamSettings, ...] = ()
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the proxy is configured with. Fields are in the order ``to_dict`` prints them."""
+
+    listen: Annotated[Address, Key(help="address to listen on", metavar="HOST:PORT")] = (
+        parse_listen(DEFAULT_LISTEN, "listen")
+    )
+    log_level: Annotated[LogLevel, Key(help="debug, info, warning, error", metavar="LEVEL")] = (
+        DEFAULT_LOG_LEVEL
+    )
+    log_format: Annotated[LogFormat, Key(help="text (default) or json", metavar="FORMAT")] = (
+        DEFAULT_LOG_FORMAT
+    )
+    metrics_listen: Annotated[
+        Address | None, Key(help="also serve /metrics on this address", metavar="HOST:PORT")
+    ] = None
+    cache_dir: Annotated[
+        Directory, Key(path="cache.dir", help="local cache directory", metavar="DIR")
+    ] = Path(DEFAULT_CACHE_DIR)
+    redis_url: Annotated[
+        RedisUrl | None,
+        Secret(_redact_url),
+        Key(
+            path="cache.redis", option="redis", help="Redis URL for the shared cache", metavar="URL"
+        ),
+    ] = None
+    memory_entries: Annotated[
+        PositiveInt,
+        Key(
+            path="cache.memory_entries",
+            help="bound of the in-process descriptor and tag caches",
+            metavar="N",
+        ),
+    ] = DEFAULT_MEMORY_ENTRIES
+    max_size: Annotated[
+        Size | None,
+        Key(path="cache.max_size", help="evict beyond this size (20GiB)", metavar="SIZE"),
+    ] = None
+    # Parsed item by item (_parse_upstreams), never overridden as a whole.
+    upstreams: Annotated[
+        tuple[UpstreamSettings, ...], Key(overridable=False), Show(_show_upstreams)
+    ] = ()
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen[0]
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen[1]
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:
@@ -193,19 +395,18 @@ class Settings:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "listen": _join_listen(self.listen_host, self.listen_port),
-            "log_level": self.log_level,
-            "log_format": self.log_format,
-            "metrics_listen": _join_listen(*self.metrics_listen) if self.metrics_listen else None,
-            "cache": {
-                "dir": str(self.cache_dir),
-                "redis": _redact_url(self.redis_url),
-                "memory_entries": self.memory_entries,
-                "max_size": self.max_size,
-            },
-            "upstreams": [u.to_dict() for u in self.upstreams],
-        }
+        """The file's form (``cache.dir`` nested under ``cache``), secrets redacted."""
+        out: dict[str, Any] = {}
+        for name, value in _shown(self).items():
+            *sections, leaf = _KEYS[name].path.split(".")
+            node = out
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
+        return out
+
+    def __repr__(self) -> str:
+        return _repr(self)
 
     @classmethod
     def from_mapping(
@@ -217,133 +418,120 @@ class Settings:
     ) -> Settings:
         """Build settings from a parsed YAML mapping, the environment and CLI overrides.
 
-        ``overrides`` keys: listen, metrics_listen, upstream, cache_dir, redis, tag_ttl,
-        log_level, log_format.
-        ``environ`` supplies both the ``REGISTRY_PROXY_*`` overrides and ``password_env``
-        look-ups (``os.environ`` when None).
+        ``overrides`` keys are the names in ``OPTIONS`` (``cache_dir``, ``redis``, ...);
+        None values are ignored. ``environ`` supplies both the ``REGISTRY_PROXY_*``
+        overrides and ``password_env`` look-ups (``os.environ`` when None).
         """
         env = os.environ if environ is None else environ
-        _check_keys(
-            data, {"listen", "metrics_listen", "cache", "upstreams", "log_level", "log_format"}, ""
-        )
-        flat: dict[str, Any] = {}
-        cache = data.get("cache") or {}
-        if not isinstance(cache, Mapping):
-            raise ConfigError("cache", "expected a mapping")
-        _check_keys(cache, {"dir", "redis", "memory_entries", "max_size"}, "cache.")
-        for key, value in (
-            ("listen", data.get("listen")),
-            ("log_level", data.get("log_level")),
-            ("log_format", data.get("log_format")),
-            ("metrics_listen", data.get("metrics_listen")),
-            ("cache_dir", cache.get("dir")),
-            ("redis", cache.get("redis")),
-            ("memory_entries", cache.get("memory_entries")),
-            ("max_size", cache.get("max_size")),
-        ):
-            if value is not None:
-                flat[key] = (value, _FILE_KEYS[key])
-        for key in _OVERRIDABLE:
-            env_name = ENV_PREFIX + key.upper()
-            if env.get(env_name):
-                flat[key] = (env[env_name], env_name)
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                flat[key] = (value, "--" + key.replace("_", "-"))
-
-        listen = flat.get("listen", (DEFAULT_LISTEN, "listen"))
-        host, port = parse_listen(*listen)
-        level_value, level_key = flat.get("log_level", (DEFAULT_LOG_LEVEL, "log_level"))
-        level = str(level_value).lower()
-        if level not in LOG_LEVELS:
-            raise ConfigError(level_key, f"expected one of {', '.join(LOG_LEVELS)}")
-        fmt_value, fmt_key = flat.get("log_format", (DEFAULT_LOG_FORMAT, "log_format"))
-        log_format = str(fmt_value).lower()
-        if log_format not in LOG_FORMATS:
-            raise ConfigError(fmt_key, f"expected one of {', '.join(LOG_FORMATS)}")
-        metrics_listen = parse_listen(*flat["metrics_listen"]) if "metrics_listen" in flat else None
-        cache_dir_value, cache_dir_key = flat.get("cache_dir", (DEFAULT_CACHE_DIR, "cache.dir"))
-        if not isinstance(cache_dir_value, str | Path) or not str(cache_dir_value):
-            raise ConfigError(cache_dir_key, "expected a directory path")
-        redis_url: str | None = None
-        if "redis" in flat:
-            redis_value, redis_key = flat["redis"]
-            redis_url = _check_redis_url(redis_value, redis_key)
-        entries_value, entries_key = flat.get(
-            "memory_entries", (DEFAULT_MEMORY_ENTRIES, "cache.memory_entries")
-        )
-        if (
-            isinstance(entries_value, bool)
-            or not isinstance(entries_value, int)
-            or (entries_value < 1)
-        ):
-            raise ConfigError(entries_key, "expected a positive integer")
-
+        flags = {name: value for name, value in (overrides or {}).items() if value is not None}
+        for name in flags:
+            if name not in _OPTIONS_BY_NAME:
+                raise ConfigError("--" + name.replace("_", "-"), "unknown option")
+        _check_keys(data, _FILE_KEYS, "")
+        values: dict[str, Any] = {}
+        for info in fields(cls):
+            if info.name == "upstreams":
+                continue
+            picked = _pick(_KEYS[info.name], data, env, flags)
+            if picked is not None:
+                values[info.name] = _convert(info, *picked)
+        builtin = data.get("upstreams") is None
         upstreams = _parse_upstreams(data.get("upstreams"), env)
-        if "upstream" in flat:
-            url_value, url_key = flat["upstream"]
-            upstreams = _override_default_url(
-                upstreams, url_value, url_key, builtin=data.get("upstreams") is None
-            )
-        if "tag_ttl" in flat:
-            ttl = parse_duration(*flat["tag_ttl"])
-            upstreams = tuple(replace(u, tag_ttl=ttl) for u in upstreams)
-        return cls(
-            listen_host=host,
-            listen_port=port,
-            cache_dir=Path(cache_dir_value),
-            redis_url=redis_url,
-            memory_entries=entries_value,
-            max_size=parse_size(*flat["max_size"]) if "max_size" in flat else None,
-            log_level=level,
-            log_format=log_format,
-            metrics_listen=metrics_listen,
-            upstreams=upstreams,
-        )
+        for option in OPTIONS:
+            if option.owner is UpstreamSettings:
+                picked = _pick_option(option, env, flags)
+                if picked is not None:
+                    value = _convert(option.field, *picked)
+                    upstreams = _apply(option, value, upstreams, builtin=builtin)
+        return cls(**values, upstreams=upstreams)
 
 
-_OVERRIDABLE = (
-    "listen",
-    "max_size",
-    "metrics_listen",
-    "upstream",
-    "cache_dir",
-    "redis",
-    "tag_ttl",
-    "log_level",
-    "log_format",
-)
+# --- what is derived from the schema ------------------------------------------------------
 
-_FILE_KEYS = {
-    "listen": "listen",
-    "metrics_listen": "metrics_listen",
-    "log_level": "log_level",
-    "log_format": "log_format",
-    "cache_dir": "cache.dir",
-    "redis": "cache.redis",
-    "memory_entries": "cache.memory_entries",
-    "max_size": "cache.max_size",
-}
+_Keys: TypeAlias = dict[str, "_Keys"]  # a tree of YAML keys; a leaf is an empty dict
+_M = TypeVar("_M")
 
-_UPSTREAM_KEYS = {
-    "name",
-    "url",
-    "aliases",
-    "default",
-    "tag_ttl",
-    "username",
-    "password",
-    "password_env",
-    "password_file",
-    "connect_timeout",
-    "read_timeout",
-    "max_stale",
-    "stale_on_404",
-    "ratelimit_floor",
-    "failure_threshold",
-    "cooldown",
-    "retries",
-}
+
+@dataclass(frozen=True)
+class Option:
+    """An override: the environment variable ``env`` and the flag ``flag`` of one field."""
+
+    name: str
+    field: FieldInfo
+    owner: type[Settings] | type[UpstreamSettings]
+    key: Key
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _markers(type_: Any, kind: type[_M]) -> list[_M]:
+    """The ``Annotated`` markers of ``kind`` on ``type_``, outermost first, or on a member
+    of its union (``Address | None``)."""
+    found: list[_M] = []
+    if get_origin(type_) is Annotated:
+        found += [m for m in type_.__metadata__ if isinstance(m, kind)]
+        type_ = type_.__origin__
+    if get_origin(type_) in (Union, UnionType):
+        for member in get_args(type_):
+            found += _markers(member, kind)
+    return found
+
+
+def _key(info: FieldInfo) -> Key:
+    """The field's Key with its defaults filled in (a field without one has no option)."""
+    key = next(iter(_markers(info.type, Key)), Key(overridable=False))
+    return dataclasses.replace(key, path=key.path or info.name, option=key.option or info.name)
+
+
+def _options() -> tuple[Option, ...]:
+    options = []
+    for owner in (Settings, UpstreamSettings):
+        for info in fields(owner):
+            declared = _markers(info.type, Key)
+            if declared and (key := _key(info)).overridable:
+                options.append(Option(key.option, info, owner, key))
+    return tuple(options)
+
+
+def _tree(paths: list[str]) -> _Keys:
+    tree: _Keys = {}
+    for path in paths:
+        node = tree
+        for part in path.split("."):
+            node = node.setdefault(part, {})
+    return tree
+
+
+_KEYS: Final = {info.name: _key(info) for info in fields(Settings)}
+_FILE_KEYS: Final = _tree([key.path for key in _KEYS.values()])
+_UPSTREAM_KEYS: Final = _tree([info.name for info in fields(UpstreamSettings)])
+OPTIONS: Final = _options()
+_OPTIONS_BY_NAME: Final = {option.name: option for option in OPTIONS}
+
+
+def _shown(struct: Settings | UpstreamSettings, kind: type[Show] = Show) -> dict[str, Any]:
+    """Field name to value, rendered by the field's ``kind`` marker where it has one."""
+    out: dict[str, Any] = {}
+    for info in fields(struct):
+        value = getattr(struct, info.name)
+        show = _markers(info.type, kind)
+        out[info.name] = show[0].render(value) if show else value
+    return out
+
+
+def _repr(struct: Settings | UpstreamSettings) -> str:
+    """Like msgspec's repr, with ``Secret`` fields rendered without the secret."""
+    shown = ", ".join(f"{name}={value!r}" for name, value in _shown(struct, Secret).items())
+    return f"{type(struct).__name__}({shown})"
+
+
+# --- loading ------------------------------------------------------------------------------
 
 
 def load_settings(
@@ -368,55 +556,97 @@ def load_settings(
     return Settings.from_mapping(data, environ=environ, overrides=overrides)
 
 
-def _join_listen(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _check_keys(data: Mapping[str, Any], allowed: _Keys, prefix: str) -> None:
+    """Every key of ``data`` is declared; a section (``cache``) is a mapping or null."""
+    for name, value in data.items():
+        if name not in allowed:
+            raise ConfigError(f"{prefix}{name}", "unknown key")
+        if allowed[name] and value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{name}", "expected a mapping")
+            _check_keys(value, allowed[name], f"{prefix}{name}.")
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"{prefix}{key}", "unknown key")
+def _lookup(data: Mapping[str, Any], path: str) -> object:
+    node: object = data
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
-def _check_url(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, "expected an http(s) URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(key, f"expected an http(s) URL, got {value!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(key, "the URL must have no path, query or fragment")
-    if parts.username or parts.password:
-        raise ConfigError(key, "put credentials in username/password_env, not the URL")
-    return f"{parts.scheme}://{parts.netloc}"
+def _pick_option(
+    option: Option, env: Mapping[str, str], flags: Mapping[str, Any]
+) -> tuple[object, str, bool] | None:
+    """The flag's value, else the variable's (empty means unset): (value, key, strict)."""
+    if option.name in flags:
+        return flags[option.name], option.flag, False
+    if env.get(option.env):
+        return env[option.env], option.env, False
+    return None
 
 
-def _check_redis_url(value: object, key: str) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
-    return value
+def _pick(
+    key: Key, data: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, Any]
+) -> tuple[object, str, bool] | None:
+    """The value of highest precedence, with the key to name and whether it is text."""
+    option = _OPTIONS_BY_NAME.get(key.option) if key.overridable else None
+    picked = _pick_option(option, env, flags) if option is not None else None
+    if picked is not None:
+        return picked
+    value = _lookup(data, key.path)
+    return None if value is None else (value, key.path, True)
 
 
-def _redact_url(url: str | None) -> str | None:
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":<redacted>@")
-    return parts._replace(netloc=netloc).geturl()
+def _convert(info: FieldInfo, value: object, key: str, strict: bool) -> Any:
+    """``value`` checked against the type of field ``info``, or ConfigError naming ``key``.
+
+    ``strict`` is for YAML values, which have types; environment and flag values are text,
+    converted leniently (``"10"`` is an integer there).
+    """
+    for parse in _markers(info.type, Parse):
+        value = parse.fn(value, key)
+    try:
+        return msgspec.convert(value, info.type, strict=strict)
+    except msgspec.ValidationError as exc:
+        expect = _markers(info.type, Expect)
+        raise ConfigError(key, f"expected {expect[0].text}" if expect else str(exc)) from None
+
+
+def _apply(
+    option: Option, value: object, upstreams: tuple[UpstreamSettings, ...], *, builtin: bool
+) -> tuple[UpstreamSettings, ...]:
+    """Set an upstream option on every upstream or on the default one.
+
+    ``builtin``: the upstreams are the built-in Docker Hub default (the file has none).
+    When its URL becomes another registry's, Docker Hub's aliases and name no longer
+    describe it: it becomes ``upstream`` with none, so ``?ns=docker.io`` is refused
+    instead of being served from another registry.
+    """
+    name = option.field.name
+    result = []
+    for up in upstreams:
+        if option.key.applies_to == "every" or up.default:
+            if builtin and name == "url" and value != DEFAULT_UPSTREAM_URL:
+                up = replace(up, name=OVERRIDDEN_UPSTREAM_NAME, aliases=())
+            up = replace(up, **{name: value})
+        result.append(up)
+    return tuple(result)
+
+
+_BUILTIN_UPSTREAM: Final = UpstreamSettings(
+    name=DEFAULT_UPSTREAM_NAME,
+    url=DEFAULT_UPSTREAM_URL,
+    aliases=DEFAULT_DOCKERHUB_ALIASES,
+    default=True,
+)
+
+
+# --- upstreams: conversion item by item, then the rules across them ----------------------
 
 
 def _parse_upstreams(raw: object, env: Mapping[str, str]) -> tuple[UpstreamSettings, ...]:
     if raw is None:
-        return (
-            UpstreamSettings(
-                name=DEFAULT_UPSTREAM_NAME,
-                url=DEFAULT_UPSTREAM_URL,
-                aliases=DEFAULT_DOCKERHUB_ALIASES,
-                default=True,
-            ),
-        )
+        return (_BUILTIN_UPSTREAM,)
     if not isinstance(raw, list) or not raw:
         raise ConfigError("upstreams", "expected a non-empty list")
     result: list[UpstreamSettings] = []
@@ -446,99 +676,34 @@ def _parse_upstream(item: object, key: str, env: Mapping[str, str]) -> UpstreamS
     if not isinstance(item, Mapping):
         raise ConfigError(key, "expected a mapping")
     _check_keys(item, _UPSTREAM_KEYS, key + ".")
-    name = item.get("name")
-    if not isinstance(name, str) or not _UPSTREAM_NAME.match(name):
-        raise ConfigError(f"{key}.name", "expected a lower-case name such as 'dockerhub'")
-    url = _check_url(item.get("url"), f"{key}.url")
-    aliases = item.get("aliases") or []
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-        raise ConfigError(f"{key}.aliases", "expected a list of host names")
-    default = _bool(item, "default", False, key)
-    username = item.get("username")
-    if username is not None and not isinstance(username, str):
-        raise ConfigError(f"{key}.username", "expected a string")
-    password = _read_password(item, key, env)
-    if password is not None and username is None:
+    values: dict[str, Any] = {}
+    for info in fields(UpstreamSettings):
+        value = item.get(info.name)
+        if value is not None or info.required:
+            values[info.name] = _convert(info, value, f"{key}.{info.name}", True)
+    up = UpstreamSettings(**values)
+    password = _read_password(up, key, env)
+    if password is not None and up.username is None:
         raise ConfigError(f"{key}.username", "a password is configured but no username")
-    return UpstreamSettings(
-        name=name,
-        url=url,
-        aliases=tuple(aliases),
-        default=default,
-        tag_ttl=parse_duration(item.get("tag_ttl", DEFAULT_TAG_TTL), f"{key}.tag_ttl"),
-        username=username,
-        password=password,
-        password_env=item.get("password_env"),
-        password_file=item.get("password_file"),
-        connect_timeout=parse_duration(
-            item.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), f"{key}.connect_timeout"
-        ),
-        read_timeout=parse_duration(
-            item.get("read_timeout", DEFAULT_READ_TIMEOUT), f"{key}.read_timeout"
-        ),
-        max_stale=parse_duration(item.get("max_stale", DEFAULT_MAX_STALE), f"{key}.max_stale"),
-        stale_on_404=_bool(item, "stale_on_404", False, key),
-        ratelimit_floor=_int(item, "ratelimit_floor", DEFAULT_RATELIMIT_FLOOR, key, minimum=0),
-        failure_threshold=_int(
-            item, "failure_threshold", DEFAULT_FAILURE_THRESHOLD, key, minimum=1
-        ),
-        cooldown=parse_duration(item.get("cooldown", DEFAULT_COOLDOWN), f"{key}.cooldown"),
-        retries=_int(item, "retries", DEFAULT_RETRIES, key, minimum=0),
-    )
+    return replace(up, password=password)
 
 
-def _bool(item: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
-    value = item.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}.{name}", "expected true or false")
-    return value
-
-
-def _int(item: Mapping[str, Any], name: str, default: int, key: str, *, minimum: int) -> int:
-    value = item.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}.{name}", f"expected an integer >= {minimum}")
-    return value
-
-
-def _read_password(item: Mapping[str, Any], key: str, env: Mapping[str, str]) -> str | None:
-    sources = [k for k in ("password", "password_env", "password_file") if item.get(k)]
+def _read_password(up: UpstreamSettings, key: str, env: Mapping[str, str]) -> str | None:
+    """The password from the one source configured: inline, a variable or a file."""
+    sources = [s for s in ("password", "password_env", "password_file") if getattr(up, s)]
     if len(sources) > 1:
         raise ConfigError(f"{key}.{sources[1]}", f"set only one of {', '.join(sources)}")
-    if not sources:
-        return None
-    source = sources[0]
-    value = item[source]
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}.{source}", "expected a string")
-    if source == "password":
-        return value
-    if source == "password_env":
-        if value not in env:
-            raise ConfigError(f"{key}.password_env", f"environment variable {value} is not set")
-        return env[value]
-    try:
-        return Path(value).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{key}.password_file", f"cannot read {value}: {exc.strerror}") from None
-
-
-def _override_default_url(
-    upstreams: tuple[UpstreamSettings, ...], url_value: object, url_key: str, *, builtin: bool
-) -> tuple[UpstreamSettings, ...]:
-    """Point the default upstream at ``url``.
-
-    When the upstream is the built-in Docker Hub default and the URL is another registry,
-    Docker Hub's aliases and name no longer describe it: it becomes ``upstream`` with none,
-    so ``?ns=docker.io`` is refused instead of being served from another registry.
-    """
-    url = _check_url(url_value, url_key)
-    result = []
-    for up in upstreams:
-        if up.default:
-            if builtin and url != DEFAULT_UPSTREAM_URL:
-                up = replace(up, name="upstream", url=url, aliases=())
-            else:
-                up = replace(up, url=url)
-        result.append(up)
-    return tuple(result)
+    if up.password_env:
+        if up.password_env not in env:
+            raise ConfigError(
+                f"{key}.password_env", f"environment variable {up.password_env} is not set"
+            )
+        return env[up.password_env]
+    if up.password_file:
+        try:
+            return Path(up.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}.password_file", f"cannot read {up.password_file}: {exc.strerror}"
+            ) from None
+    return up.password or None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.__main__ import EXIT_CONFIG_ERROR, main
-from proxy.settings import ENV_PREFIX
+from proxy.settings import ENV_PREFIX, OPTIONS
 
 SECRET = "do-not-print-me"
 
@@ -101,6 +101,28 @@ def test_bad_environment_value_names_the_variable(
 def test_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--tag-ttl", "soon"]) == 2
     assert "--tag-ttl" in capsys.readouterr().err
+
+
+def test_memory_entries_flag_and_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REGISTRY_PROXY_MEMORY_ENTRIES", "500")
+    assert main(["check-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["cache"]["memory_entries"] == 500
+    assert main(["check-config", "--memory-entries", "0"]) == 2
+    assert "--memory-entries" in capsys.readouterr().err
+    monkeypatch.setenv("REGISTRY_PROXY_MEMORY_ENTRIES", "many")
+    assert main(["check-config"]) == 2
+    assert "REGISTRY_PROXY_MEMORY_ENTRIES" in capsys.readouterr().err
+
+
+def test_help_lists_a_flag_for_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for option in OPTIONS:
+        assert option.flag in out
+        assert option.key.help in " ".join(out.split())
 
 
 def test_missing_config_file_returns_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,15 +6,19 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
+from proxy.__main__ import main
 from proxy.settings import (
     DEFAULT_DOCKERHUB_ALIASES,
     DEFAULT_LISTEN,
     DEFAULT_TAG_TTL,
     DEFAULT_UPSTREAM_NAME,
     DEFAULT_UPSTREAM_URL,
+    ENV_PREFIX,
+    OPTIONS,
     ConfigError,
     Settings,
     UpstreamSettings,
@@ -563,3 +567,201 @@ def test_to_dict_round_trips_through_from_mapping(tmp_path: Path) -> None:
     )
     assert settings.to_dict()["listen"] == "[::1]:5005"
     assert Settings.from_mapping(settings.to_dict(), environ={}) == settings
+
+
+# --- every declared key is reachable as designed --------------------------------------
+
+# The spec, written independently of the declaration: for each field of Settings, its
+# YAML path, its option (environment variable and flag), a value as an operator writes
+# it, and the resulting attribute. YAML gets the text as YAML would parse it.
+TOP_LEVEL = {
+    "listen": ("listen", "listen", "127.0.0.1:6001", ("127.0.0.1", 6001)),
+    "log_level": ("log_level", "log_level", "debug", "debug"),
+    "log_format": ("log_format", "log_format", "json", "json"),
+    "metrics_listen": ("metrics_listen", "metrics_listen", "localhost:9091", ("localhost", 9091)),
+    "cache_dir": ("cache.dir", "cache_dir", "/some/dir", Path("/some/dir")),
+    "redis_url": ("cache.redis", "redis", "redis://h:6379/1", "redis://h:6379/1"),
+    "memory_entries": ("cache.memory_entries", "memory_entries", "123", 123),
+    "max_size": ("cache.max_size", "max_size", "2KiB", 2048),
+}
+# Options that set a field of the upstreams: name -> (field, text, value, which upstreams)
+UPSTREAM_OPTIONS = {
+    "tag_ttl": ("tag_ttl", "90s", 90.0, "every"),
+    "upstream": ("url", "http://127.0.0.1:7009", "http://127.0.0.1:7009", "default"),
+}
+# Every item key of an upstream from YAML: field -> (written value, attribute).
+UPSTREAM_KEYS: dict[str, tuple[object, object]] = {
+    "name": ("mirror", "mirror"),
+    "url": ("http://127.0.0.1:7001/", "http://127.0.0.1:7001"),
+    "aliases": (["a.example"], ("a.example",)),
+    "default": (True, True),
+    "tag_ttl": ("1m", 60.0),
+    "connect_timeout": ("2s", 2.0),
+    "read_timeout": ("500ms", 0.5),
+    "max_stale": ("1d", 86400.0),
+    "stale_on_404": (True, True),
+    "ratelimit_floor": (3, 3),
+    "failure_threshold": (4, 4),
+    "cooldown": ("1h", 3600.0),
+    "retries": (0, 0),
+    "username": ("me", "me"),
+    "password": (SECRET, SECRET),
+    "password_env": ("UPSTREAM_PASSWORD", "UPSTREAM_PASSWORD"),
+    "password_file": ("<file>", "<file>"),
+}
+
+
+def nested(path: str, value: object) -> dict[str, Any]:
+    *sections, leaf = path.split(".")
+    data: dict[str, Any] = {leaf: value}
+    for section in reversed(sections):
+        data = {section: data}
+    return data
+
+
+def test_the_spec_covers_every_declared_key() -> None:
+    """A field or option added to the declaration must be added here, and so be tested."""
+    declared = {f.name for f in msgspec.structs.fields(Settings)} - {"upstreams"}
+    assert declared == set(TOP_LEVEL)
+    assert {f.name for f in msgspec.structs.fields(UpstreamSettings)} == set(UPSTREAM_KEYS)
+    options = {option for _, option, _, _ in TOP_LEVEL.values()} | set(UPSTREAM_OPTIONS)
+    assert {option.name for option in OPTIONS} == options
+
+
+def test_every_variable_of_before_still_exists_and_memory_entries_is_new() -> None:
+    names = {option.env for option in OPTIONS}
+    before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
+    before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
+    assert names == {ENV_PREFIX + name for name in before | {"MEMORY_ENTRIES"}}
+    assert {option.flag for option in OPTIONS} == {
+        "--" + name.lower().replace("_", "-") for name in before | {"MEMORY_ENTRIES"}
+    }
+
+
+@pytest.mark.parametrize("field", sorted(TOP_LEVEL))
+def test_top_level_key_from_yaml(field: str) -> None:
+    path, _, text, value = TOP_LEVEL[field]
+    settings = Settings.from_mapping(nested(path, yaml.safe_load(text)), environ={})
+    assert getattr(settings, field) == value
+
+
+@pytest.mark.parametrize("field", sorted(TOP_LEVEL))
+def test_top_level_key_from_environment(field: str) -> None:
+    _, option, text, value = TOP_LEVEL[field]
+    settings = Settings.from_mapping({}, environ={ENV_PREFIX + option.upper(): text})
+    assert getattr(settings, field) == value
+
+
+@pytest.mark.parametrize("field", sorted(TOP_LEVEL))
+def test_top_level_key_from_flag(field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path, option, text, value = TOP_LEVEL[field]
+    assert main(["check-config", "--" + option.replace("_", "-"), text]) == 0
+    printed = _at(yaml.safe_load(capsys.readouterr().out), path)
+    assert printed == _at(Settings(**{field: value}).to_dict(), path)
+    assert printed != _at(Settings().to_dict(), path)
+
+
+def _at(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_OPTIONS))
+def test_upstream_option_from_environment_and_flag(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    field, text, value, applies_to = UPSTREAM_OPTIONS[name]
+    data = {"upstreams": [upstream(name="a", default=True), upstream(name="b", url="http://h")]}
+    from_env = Settings.from_mapping(data, environ={ENV_PREFIX + name.upper(): text})
+    from_flag = Settings.from_mapping(data, environ={}, overrides={name: text})
+    for settings in (from_env, from_flag):
+        a, b = settings.upstreams
+        assert getattr(a, field) == value
+        assert (getattr(b, field) == value) is (applies_to == "every")
+    assert main(["check-config", "--" + name.replace("_", "-"), text]) == 0
+    (printed,) = yaml.safe_load(capsys.readouterr().out)["upstreams"]
+    assert printed[field] == value
+
+
+@pytest.mark.parametrize("field", sorted(UPSTREAM_KEYS))
+def test_upstream_key_from_yaml(field: str, tmp_path: Path) -> None:
+    written, value = UPSTREAM_KEYS[field]
+    password_file = tmp_path / "password"
+    password_file.write_text(SECRET, encoding="utf-8")
+    if written == "<file>":
+        written = value = str(password_file)
+    item = upstream(**{field: written})
+    if field.startswith("password"):
+        item["username"] = "u"
+    settings = Settings.from_mapping({"upstreams": [item]}, environ={"UPSTREAM_PASSWORD": SECRET})
+    assert getattr(settings.upstreams[0], field) == value
+    if field.startswith("password"):
+        assert settings.upstreams[0].password == SECRET
+
+
+# --- memory_entries, new in the environment and on the command line --------------------
+
+
+def test_memory_entries_from_environment_and_flag() -> None:
+    env = {"REGISTRY_PROXY_MEMORY_ENTRIES": "500"}
+    assert Settings.from_mapping({}, environ=env).memory_entries == 500
+    data = {"cache": {"memory_entries": 10}}
+    assert Settings.from_mapping(data, environ=env).memory_entries == 500
+    flags = {"memory_entries": "7"}
+    assert Settings.from_mapping(data, environ=env, overrides=flags).memory_entries == 7
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "many", "1.5", ""])
+def test_bad_memory_entries_names_the_variable_and_the_flag(text: str) -> None:
+    if text:  # an empty variable means unset
+        env = {"REGISTRY_PROXY_MEMORY_ENTRIES": text}
+        assert config_error({}, environ=env).key == "REGISTRY_PROXY_MEMORY_ENTRIES"
+    assert config_error({}, overrides={"memory_entries": text}).key == "--memory-entries"
+
+
+def test_memory_entries_as_text_in_yaml_is_refused() -> None:
+    # YAML has types: a quoted number is a mistake there, unlike in a variable.
+    assert config_error({"cache": {"memory_entries": "10"}}).key == "cache.memory_entries"
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"REGISTRY_PROXY_LOG_FORMAT": "xml"}, "REGISTRY_PROXY_LOG_FORMAT"),
+        ({"REGISTRY_PROXY_METRICS_LISTEN": "nowhere"}, "REGISTRY_PROXY_METRICS_LISTEN"),
+        ({"REGISTRY_PROXY_MAX_SIZE": "huge"}, "REGISTRY_PROXY_MAX_SIZE"),
+        ({"REGISTRY_PROXY_MEMORY_ENTRIES": "0"}, "REGISTRY_PROXY_MEMORY_ENTRIES"),
+    ],
+)
+def test_bad_environment_value_names_the_variable_for_every_option(
+    environ: dict[str, str], key: str
+) -> None:
+    assert config_error({}, environ=environ).key == key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"log_format": "xml"}, "--log-format"),
+        ({"metrics_listen": "nowhere"}, "--metrics-listen"),
+        ({"max_size": "huge"}, "--max-size"),
+        ({"memory_entries": "0"}, "--memory-entries"),
+    ],
+)
+def test_bad_override_names_the_flag_for_every_option(overrides: dict[str, Any], key: str) -> None:
+    error = config_error({}, overrides=overrides)
+    assert error.key == key
+    assert str(error).startswith(key + ": ")
+
+
+def test_an_unknown_override_is_refused() -> None:
+    assert config_error({}, overrides={"cache_size": "1GiB"}).key == "--cache-size"
+
+
+def test_null_in_the_file_means_unset() -> None:
+    data = {"listen": None, "cache": None, "upstreams": [upstream(tag_ttl=None, aliases=None)]}
+    settings = Settings.from_mapping(data, environ={})
+    assert settings.listen_port == Settings().listen_port
+    assert settings.upstreams[0].tag_ttl == DEFAULT_TAG_TTL
+    assert settings.upstreams[0].aliases == ()
