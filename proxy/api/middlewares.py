@@ -62,8 +62,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except RegistryError as exc:
         return render(exc)
-    except web.HTTPMethodNotAllowed:
-        return error_response(405, "UNSUPPORTED", "method not allowed")
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ",".join(sorted(exc.allowed_methods))
+        return error_response(405, "UNSUPPORTED", "method not allowed", headers={"Allow": allow})
     except web.HTTPNotFound:
         return error_response(404, "UNSUPPORTED", f"no such endpoint: {request.path[:200]!r}")
     except web.HTTPException:
@@ -92,6 +93,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
         return response
+    except web.HTTPException as exc:
+        response = exc  # aiohttp answers it with its own status: count that one
+        raise
     finally:
         route = request.get(ROUTE_KEY, "other")
         status = response.status if response is not None else 500

@@ -248,11 +248,6 @@ async def test_a_method_not_routed_is_an_oci_405(serve: Serve) -> None:
     assert (await oci_error(response))["code"] == "UNSUPPORTED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="errors_middleware replaces aiohttp's 405 with its own response and drops the "
-    "Allow header, which RFC 9110 section 15.5.6 requires in a 405",
-)
 async def test_a_405_says_which_methods_are_allowed(serve: Serve) -> None:
     client = await serve(responding())
 
@@ -387,11 +382,6 @@ async def test_an_unknown_exception_is_counted_as_a_5xx_error(serve: Serve) -> N
     assert cache_responses("blob", "error") - error_outcomes == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metrics_middleware counts a raised HTTPException (which errors_middleware "
-    "re-raises and aiohttp answers with its own status) as a 5xx with no response",
-)
 async def test_a_raised_http_exception_is_counted_with_its_status(serve: Serve) -> None:
     client = await serve(raising(web.HTTPRequestEntityTooLarge(1024, 4096), route="manifest"))
     client_errors = requests_total("manifest", "GET", "4xx")
