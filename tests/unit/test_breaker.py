@@ -7,16 +7,9 @@ from __future__ import annotations
 import pytest
 
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from tests.unit.clock import Clock
 
 COOLDOWN = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Transitions:
@@ -31,7 +24,7 @@ class Transitions:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(5_000.0)
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from proxy.settings import UpstreamSettings
 from proxy.storage.disk import DiskBlobStore
 from proxy.storage.manifests import ManifestStore
 from proxy.upstream.health import UpstreamHealth
+from tests.unit.clock import Clock
 from tests.unit.fake_registry import manifest_body
 
 TTL = 300.0
@@ -95,14 +96,6 @@ class FakeUpstream(ManifestSource):
                 raise ManifestUnknown(f"{reference} unknown")
             media_type, body = chosen[0]
         return UpstreamManifest(Digest.of(body), media_type, len(body), None if head else body)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -25,23 +25,13 @@ from proxy.model import Outcome
 from proxy.pullthrough.relays import MAX_CACHED_BODY, RelayCache, Relayed
 from proxy.settings import UpstreamSettings
 from proxy.upstream.client import PassThrough
+from tests.unit.clock import Clock
 
 TTL = 300.0
 MAX_STALE = 3600.0
 START = 1000.0
 UPSTREAM = "relays-test"
 KIND = "relaytest"
-
-
-class Clock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def answer(label: str = "v1", size: int | None = None) -> PassThrough:
@@ -118,7 +108,7 @@ async def get(cache: RelayCache, call: FakeCall, key: Hashable = "key") -> Relay
 
 
 async def test_the_first_get_calls_upstream_and_is_a_miss() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall()
 
     relayed = await get(cache, call)
@@ -129,7 +119,7 @@ async def test_the_first_get_calls_upstream_and_is_a_miss() -> None:
 
 
 async def test_within_the_ttl_the_answer_is_served_with_no_call() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     first = await get(cache, call)
@@ -144,7 +134,7 @@ async def test_within_the_ttl_the_answer_is_served_with_no_call() -> None:
 
 
 async def test_at_the_ttl_the_upstream_is_asked_again() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -159,7 +149,7 @@ async def test_at_the_ttl_the_upstream_is_asked_again() -> None:
 
 
 async def test_a_fresh_answer_restarts_the_ttl() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -176,7 +166,7 @@ async def test_a_fresh_answer_restarts_the_ttl() -> None:
 
 
 async def test_a_zero_ttl_asks_the_upstream_every_time() -> None:
-    cache = relays(Clock(), tag_ttl=0.0)
+    cache = relays(Clock(START), tag_ttl=0.0)
     call = FakeCall()
 
     outcomes = [(await get(cache, call)).outcome for _ in range(3)]
@@ -186,7 +176,7 @@ async def test_a_zero_ttl_asks_the_upstream_every_time() -> None:
 
 
 async def test_keys_are_cached_separately() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     first, second = FakeCall(answer("a")), FakeCall(answer("b"))
 
     a = await get(cache, first, ("team/app", None, None))
@@ -200,7 +190,7 @@ async def test_keys_are_cached_separately() -> None:
 
 async def test_non_200_answers_are_cached_like_any_other() -> None:
     # The referrers API's 404 ("no referrers API upstream") is relayed, and cached.
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     not_found = PassThrough(404, {"Content-Type": "application/json"}, b'{"errors":[]}')
     call = FakeCall(not_found)
 
@@ -213,7 +203,7 @@ async def test_non_200_answers_are_cached_like_any_other() -> None:
 
 
 async def test_lookups_are_counted_as_memory_hits_and_misses() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall()
     hits, misses = lookups("hit"), lookups("miss")
 
@@ -240,7 +230,7 @@ async def test_lookups_are_counted_as_memory_hits_and_misses() -> None:
 async def test_an_expired_answer_is_served_stale_when_the_upstream_fails(
     error: RegistryError,
 ) -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     first = await get(cache, call)
@@ -257,7 +247,7 @@ async def test_an_expired_answer_is_served_stale_when_the_upstream_fails(
 
 
 async def test_stale_is_served_up_to_max_stale_past_the_ttl() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -270,7 +260,7 @@ async def test_stale_is_served_up_to_max_stale_past_the_ttl() -> None:
 
 
 async def test_beyond_max_stale_the_error_is_raised() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -287,7 +277,7 @@ async def test_beyond_max_stale_the_error_is_raised() -> None:
 
 
 async def test_a_stale_serve_does_not_extend_the_stale_window() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -303,7 +293,7 @@ async def test_a_stale_serve_does_not_extend_the_stale_window() -> None:
 
 
 async def test_after_a_stale_serve_the_upstream_is_asked_again() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -320,7 +310,7 @@ async def test_after_a_stale_serve_the_upstream_is_asked_again() -> None:
 
 
 async def test_an_upstream_error_with_nothing_cached_is_raised() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall()
     error = UpstreamError("upstream answered 502")
     call.fail(error)
@@ -334,7 +324,7 @@ async def test_an_upstream_error_with_nothing_cached_is_raised() -> None:
 
 
 async def test_errors_are_not_cached() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall()
     call.fail(UpstreamError("502"))
     with pytest.raises(UpstreamError):
@@ -355,7 +345,7 @@ async def test_errors_are_not_cached() -> None:
 async def test_answers_that_are_not_upstream_failures_are_not_covered_by_stale(
     error: RegistryError,
 ) -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     await get(cache, call)
@@ -372,7 +362,7 @@ async def test_answers_that_are_not_upstream_failures_are_not_covered_by_stale(
 
 
 async def test_an_answer_of_max_cached_body_is_cached() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall(answer(size=MAX_CACHED_BODY))
 
     await get(cache, call)
@@ -384,7 +374,7 @@ async def test_an_answer_of_max_cached_body_is_cached() -> None:
 
 
 async def test_a_larger_answer_is_relayed_but_not_cached() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall(answer(size=MAX_CACHED_BODY + 1))
 
     first = await get(cache, call)
@@ -396,7 +386,7 @@ async def test_a_larger_answer_is_relayed_but_not_cached() -> None:
 
 
 async def test_the_least_recently_used_key_is_evicted_past_max_entries() -> None:
-    cache = relays(Clock(), max_entries=2)
+    cache = relays(Clock(START), max_entries=2)
     a, b, c = FakeCall(answer("a")), FakeCall(answer("b")), FakeCall(answer("c"))
     await get(cache, a, "a")
     await get(cache, b, "b")
@@ -413,7 +403,7 @@ async def test_the_least_recently_used_key_is_evicted_past_max_entries() -> None
 
 
 async def test_concurrent_misses_share_one_call() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall(gated=True)
     waiters = [asyncio.create_task(get(cache, call)) for _ in range(5)]
     await call.started.wait()
@@ -428,7 +418,7 @@ async def test_concurrent_misses_share_one_call() -> None:
 
 
 async def test_concurrent_misses_for_different_keys_do_not_share() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall(gated=True)
     waiters = [asyncio.create_task(get(cache, call, key)) for key in ("a", "b")]
     await call.started.wait()
@@ -440,7 +430,7 @@ async def test_concurrent_misses_for_different_keys_do_not_share() -> None:
 
 
 async def test_concurrent_revalidations_that_fail_all_serve_stale() -> None:
-    clock = Clock()
+    clock = Clock(START)
     cache = relays(clock)
     call = FakeCall()
     first = await get(cache, call)
@@ -460,7 +450,7 @@ async def test_concurrent_revalidations_that_fail_all_serve_stale() -> None:
 
 
 async def test_close_cancels_a_pending_call() -> None:
-    cache = relays(Clock())
+    cache = relays(Clock(START))
     call = FakeCall(gated=True)
     waiter = asyncio.create_task(get(cache, call))
     await call.started.wait()

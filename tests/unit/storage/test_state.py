@@ -15,6 +15,7 @@ import pytest
 from proxy.interfaces import TagEntry
 from proxy.model import Digest
 from proxy.storage.state import DEFAULT_RETENTION, STATE_FILE, SqliteState
+from tests.unit.clock import Clock
 
 DAY = 86400.0
 RETENTION = 30 * DAY
@@ -23,17 +24,9 @@ D1 = Digest.of(b"one")
 D2 = Digest.of(b"two")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_764_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_764_000_000.0)
 
 
 class States:

@@ -19,15 +19,8 @@ from proxy.upstream.auth import (
     parse_challenge,
     pull_scope,
 )
+from tests.unit.clock import Clock
 from tests.unit.fake_registry import AUTH_BEARER, FakeRegistry, basic
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -165,7 +158,7 @@ async def test_bearer_token_expires(
 ) -> None:
     registry = FakeRegistry(auth=AUTH_BEARER, token_lifetime=300)
     _, challenge = await token_service(aiohttp_server, registry)
-    clock = Clock()
+    clock = Clock(1000.0)
     auth = UpstreamAuth(session, None, None, clock=clock)
     await auth.on_challenge(challenge, "library/nginx")
 
@@ -180,7 +173,7 @@ async def test_bearer_token_without_expires_in_lives_60_seconds(
 ) -> None:
     registry = FakeRegistry(auth=AUTH_BEARER, token_lifetime=None)
     _, challenge = await token_service(aiohttp_server, registry)
-    clock = Clock()
+    clock = Clock(1000.0)
     auth = UpstreamAuth(session, None, None, clock=clock)
     await auth.on_challenge(challenge, "library/nginx")
 

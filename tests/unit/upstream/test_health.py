@@ -30,6 +30,7 @@ from proxy.upstream.health import (
     UpstreamHealth,
     parse_ratelimit,
 )
+from tests.unit.clock import Clock
 from tests.unit.fake_registry import Failure, FakeRegistry
 
 COOLDOWN = 30.0
@@ -37,17 +38,9 @@ FLOOR = 10
 _names = itertools.count()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_000.0)
 
 
 @pytest.fixture
