@@ -43,20 +43,17 @@ def _mem_total() -> str:
     return "?"
 
 
+def _git(*args: str) -> str:
+    """stdout of ``git -C <repo root> ARGS``; OSError or CalledProcessError on failure."""
+    return subprocess.run(
+        ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def git_rev() -> str:
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "proxy"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        rev = _git("rev-parse", "--short", "HEAD").strip()
+        dirty = _git("status", "--porcelain", "--", "proxy").strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return rev + (" (proxy/ modified)" if dirty else "")
@@ -65,18 +62,8 @@ def git_rev() -> str:
 def proxy_tree() -> str:
     """What identifies the proxy's code: the tree of proxy/ at HEAD plus local changes."""
     try:
-        tree = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD:proxy"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        diff = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--", "proxy"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        tree = _git("rev-parse", "HEAD:proxy").strip()
+        diff = _git("diff", "HEAD", "--", "proxy")
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return tree + str(hash(diff))

@@ -134,6 +134,18 @@ class Scenarios:
                 time.sleep(0.05)
         self.access.wait_quiet(quiet=0.4)
 
+    async def _pull(self, kind: str, rep: int, target: Target, image: Image) -> float | None:
+        """One timed skopeo pull of ``image`` from ``target``: wall seconds, or None when
+        it failed (noted, and counted as ``<kind>_failed``)."""
+        try:
+            return await self.skopeo.timed_pull(
+                target.server.host, image.reference, time_limit=PULL_TIMEOUT
+            )
+        except SkopeoError as exc:
+            self.results.notes.append(f"{kind} pull {rep}, {target.name} failed: {exc.last_line}")
+            self.results.add(f"{kind}_failed", target.name, 1)
+            return None
+
     async def cold_pull(self) -> None:
         for rep, image in enumerate(self.pull_images):
             for target in rotated(self.targets, rep):
@@ -141,17 +153,11 @@ class Scenarios:
                 offset = self.access.offset()
                 with self.monitor.phase(f"cold pull {rep}", target.process):
                     try:
-                        wall = await self.skopeo.timed_pull(
-                            target.server.host, image.reference, time_limit=PULL_TIMEOUT
-                        )
-                    except SkopeoError as exc:
-                        self.results.notes.append(
-                            f"cold pull {rep}, {target.name} failed: {exc.last_line}"
-                        )
-                        self.results.add("cold_failed", target.name, 1)
-                        continue
+                        wall = await self._pull("cold", rep, target, image)
                     finally:
                         self.settle(target, [b.digest for b in image.blobs])
+                if wall is None:
+                    continue
                 window = self.access.since(offset)
                 gets = window.blob_gets()
                 self.results.add("cold_wall", target.name, wall)
@@ -174,15 +180,8 @@ class Scenarios:
             image = self.pull_images[0]
             for target in rotated(self.targets, rep + 1):
                 offset = self.access.offset()
-                try:
-                    wall = await self.skopeo.timed_pull(
-                        target.server.host, image.reference, time_limit=PULL_TIMEOUT
-                    )
-                except SkopeoError as exc:
-                    self.results.notes.append(
-                        f"warm pull {rep}, {target.name} failed: {exc.last_line}"
-                    )
-                    self.results.add("warm_failed", target.name, 1)
+                wall = await self._pull("warm", rep, target, image)
+                if wall is None:
                     continue
                 self.access.wait_quiet(quiet=0.2)
                 window = self.access.since(offset)
