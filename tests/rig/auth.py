@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from .recording import LoopbackServer
+from .recording import Exchange, RecordingServer
 
 TOKEN_SERVICE = "registry-proxy-tests"
 TOKEN_ISSUER = "registry-proxy-tests-issuer"
@@ -103,8 +103,10 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
-    """A registry token service with its own signing key and self-signed certificate."""
+class TokenServer(RecordingServer):
+    """A registry token service with its own signing key and self-signed certificate.
+    Besides ``log`` (every HTTP request), ``requests`` holds what each token request
+    asked for and whether it was granted."""
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class TokenServer:
         issuer: str = TOKEN_ISSUER,
         lifetime: int = TOKEN_LIFETIME,
     ) -> None:
+        super().__init__()
         self.users = dict(users)
         self.service = service
         self.issuer = issuer
@@ -137,13 +140,6 @@ class TokenServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.cert_path = workdir / "token-signer.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-        app = web.Application()
-        app.router.add_route("*", "/token", self._handle)
-        self._server = LoopbackServer(app)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
 
     @property
     def realm(self) -> str:
@@ -156,7 +152,7 @@ class TokenServer:
     def registry_auth(self) -> str:
         """The ``auth:`` section of a docker-registry that trusts this server's tokens.
         The realm is only known once the server listens: start it first."""
-        assert self._server.port, "start the token server before configuring a registry"
+        assert self.port, "start the token server before configuring a registry"
         return (
             "auth:\n  token:\n"
             f"    realm: {self.realm}\n"
@@ -164,12 +160,6 @@ class TokenServer:
             f"    issuer: {self.issuer}\n"
             f"    rootcertbundle: {self.cert_path}\n"
         )
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def stop(self) -> None:
-        await self._server.stop()
 
     def sign(self, subject: str, access: list[dict[str, object]]) -> str:
         """An ES256 JWT docker-registry accepts: x5c header, iss/sub/aud/exp/nbf/iat/jti."""
@@ -201,7 +191,15 @@ class TokenServer:
     def for_scope(self, scope: str) -> list[TokenRequest]:
         return [r for r in self.requests if scope in r.scopes]
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        if request.path != "/token":
+            exchange.status = 404
+            return web.Response(status=404)
+        response = await self._token(request)
+        exchange.status = response.status
+        return response
+
+    async def _token(self, request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization")
         username, password = _basic_credentials(authorization)
         if request.method == "POST":

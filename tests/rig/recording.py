@@ -6,7 +6,8 @@
   :class:`Exchange` in ``log`` (a :class:`RequestLog`) before :meth:`RecordingServer.answer`
   sees it; whatever happens next (an answer, a dropped connection, an exception) is noted
   on the exchange, and ``done`` is set when the handler returns. Fake upstreams, the
-  counting pass-through and the fault proxy are all subclasses that only answer.
+  counting pass-through, the fault proxy and the token server are all subclasses that
+  only answer.
 - :class:`PassThrough`: the counting HTTP proxy in front of a real registry (tests count
   what the upstream actually served) or in front of the proxy under test (to see what a
   client such as ctr sent).
