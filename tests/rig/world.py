@@ -151,9 +151,9 @@ async def running_world(workdir: Path, binary: str) -> AsyncIterator[World]:
     basic_creds = Credentials.random("basic-user")
     tok_creds = Credentials.random("tok-user")
     async with contextlib.AsyncExitStack() as stack:
-        token_server = TokenServer(workdir / "token", {tok_creds.username: tok_creds.password})
-        await token_server.start()
-        stack.push_async_callback(token_server.stop)
+        token_server = await stack.enter_async_context(
+            TokenServer(workdir / "token", {tok_creds.username: tok_creds.password})
+        )
 
         anon_registry = Registry(workdir / "anon", binary=binary)
         basic_registry = Registry(
@@ -170,11 +170,8 @@ async def running_world(workdir: Path, binary: str) -> AsyncIterator[World]:
             ("basic", basic_registry, basic_creds),
             ("tok", tok_registry, tok_creds),
         ):
-            stack.callback(registry.stop)
-            registry.start()
-            passthrough = PassThrough(registry.url)
-            await passthrough.start()
-            stack.push_async_callback(passthrough.stop)
+            stack.enter_context(registry)
+            passthrough = await stack.enter_async_context(PassThrough(registry.url))
             upstreams.append(Upstream(name, registry, passthrough, creds))
 
         world = World(upstreams[0], upstreams[1], upstreams[2], token_server, workdir)
