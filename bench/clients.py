@@ -1,112 +1,35 @@
-"""The load generators: ``skopeo copy`` pulls, ``wrk`` runs and single ``curl`` GETs."""
+"""The load generators beside skopeo (``tests.rig.skopeo``): ``wrk`` runs and single
+``curl`` GETs, run to completion by ``tests.rig.process.run_command``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SKOPEO_BINARY = "/usr/bin/skopeo"
+from tests.rig.process import run_command
+
 WRK_BINARY = "/usr/bin/wrk"
 CURL_BINARY = "/usr/bin/curl"
 WRK_SCRIPT = Path(__file__).with_name("report.lua")
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-PULL_TIMEOUT = 600.0
+CURL_TIMEOUT = 600.0
+# wrk gets this long beyond its own duration before it is killed.
+WRK_GRACE = 60.0
 
 
 class ClientError(RuntimeError):
     pass
 
 
-async def _run(argv: list[str], *, env: dict[str, str] | None = None, limit: float) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        async with asyncio.timeout(limit):
-            stdout, stderr = await process.communicate()
-    except BaseException:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        raise
-    if process.returncode != 0:
-        raise ClientError(
-            f"{' '.join(argv)} exited {process.returncode}:\n{stderr.decode(errors='replace')}"
-        )
-    return stdout.decode(errors="replace")
-
-
-class Skopeo:
-    """``skopeo copy docker://HOST/REF oci:DIR`` with a hermetic environment."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "registries.conf"
-        conf.write_text("unqualified-search-registries = []\n")
-        (workdir / "tmp").mkdir(exist_ok=True)
-        keep = {"PATH", "LANG", "LC_ALL", "TZ"}
-        self.env = {k: v for k, v in os.environ.items() if k in keep}
-        self.env.update(
-            HOME=str(workdir),
-            XDG_RUNTIME_DIR=str(workdir),
-            XDG_CONFIG_HOME=str(workdir / "config"),
-            TMPDIR=str(workdir / "tmp"),
-            CONTAINERS_REGISTRIES_CONF=str(conf),
-            REGISTRY_AUTH_FILE=str(workdir / "auth.json"),
-        )
-        self._n = 0
-
-    async def pull(self, host: str, reference: str) -> float:
-        """Pull into a fresh OCI layout (removed afterwards); returns wall seconds."""
-        self._n += 1
-        dest = self.workdir / f"pull-{self._n}"
-        argv = [
-            SKOPEO_BINARY,
-            "--insecure-policy",
-            "copy",
-            "--retry-times",
-            "0",
-            "--src-tls-verify=false",
-            f"docker://{host}/{reference}",
-            f"oci:{dest}:pulled",
-        ]
-        started = time.perf_counter()
-        try:
-            await _run(argv, env=self.env, limit=PULL_TIMEOUT)
-            return time.perf_counter() - started
-        finally:
-            shutil.rmtree(dest, ignore_errors=True)
-
-    async def pull_many(self, host: str, reference: str, n: int) -> tuple[float, list[str]]:
-        """``n`` pulls at once; returns wall seconds until the last one ended, and the
-        errors of the pulls that failed (the others still count)."""
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(
-            *(self.pull(host, reference) for _ in range(n)), return_exceptions=True
-        )
-        wall = time.perf_counter() - started
-        errors = []
-        for outcome in outcomes:
-            if isinstance(outcome, ClientError):
-                errors.append(last_line(str(outcome)))
-            elif isinstance(outcome, BaseException):
-                raise outcome
-        return wall, errors
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+async def _run(argv: list[str], *, limit: float) -> str:
+    """stdout of ``argv``; ClientError unless it exits 0 within ``limit`` seconds."""
+    result = await run_command(argv, time_limit=limit)
+    if result.returncode is None:
+        raise TimeoutError(f"{result.command} did not finish in {limit}s")
+    if result.returncode != 0:
+        raise ClientError(f"{result.command} exited {result.returncode}:\n{result.stderr}")
+    return result.stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +77,7 @@ async def wrk(
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
-    out = await _run(argv, limit=seconds + 60)
+    out = await _run(argv, limit=seconds + WRK_GRACE)
     for line in out.splitlines():
         if line.startswith("WRKJSON "):
             data = json.loads(line.removeprefix("WRKJSON "))
@@ -182,7 +105,7 @@ async def curl_get(
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
     started = time.perf_counter()
-    out = await _run(argv, limit=600)
+    out = await _run(argv, limit=CURL_TIMEOUT)
     elapsed = time.perf_counter() - started
     status, size = out.split()
     if status != "200" or (expect_size is not None and int(size) != expect_size):

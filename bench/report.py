@@ -1,38 +1,14 @@
-"""The results table: rows of measurements per target, ratios, targets met or missed."""
+"""Rendering a run: the results table with ratios and verdicts, the micro-benchmark and
+profile tables, the targets summary, and RESULTS.md."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
-TARGETS = ("direct", "peer", "proxy", "proxy+redis")
-OURS = ("proxy", "proxy+redis")
-
-Values = dict[str, float | None]
-Check = Callable[[str, Values], bool | None]
-
-
-@dataclass
-class Row:
-    label: str
-    values: Values
-    fmt: str = "{:.2f}"
-    target: str = ""
-    check: Check | None = None
-    verdicts: dict[str, bool | None] = field(default_factory=dict)
-
-    def evaluate(self) -> None:
-        if self.check is None:
-            return
-        for name in OURS:
-            if self.values.get(name) is None:
-                self.verdicts[name] = None
-            else:
-                self.verdicts[name] = self.check(name, self.values)
-
-    def cell(self, name: str) -> str:
-        value = self.values.get(name)
-        return "-" if value is None else self.fmt.format(value)
+from bench import micro, profile
+from bench.config import Config
+from bench.results import OURS, TARGETS, Results
+from bench.targets import Row
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -91,3 +67,131 @@ def simple_table(header: list[str], rows: list[list[str]]) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def micro_table(results: list[micro.MicroResult]) -> str:
+    return simple_table(
+        ["descriptor stat()", "lookups", "mean µs", "p50 µs", "p99 µs", "note"],
+        [
+            [
+                m.name,
+                str(m.lookups),
+                f"{m.mean_us:.1f}",
+                f"{m.p50_us:.1f}",
+                f"{m.p99_us:.1f}",
+                m.note,
+            ]
+            for m in results
+        ],
+    )
+
+
+def targets_summary(rows: list[Row]) -> str:
+    lines = []
+    for row in rows:
+        if not row.verdicts:
+            continue
+        marks = ", ".join(
+            f"{n}: {'n/a' if v is None else 'met' if v else 'MISSED'}"
+            for n, v in row.verdicts.items()
+        )
+        lines.append(f"- {row.label} ({row.target}): {marks}")
+    return "\n".join(lines)
+
+
+def details_section(results: Results) -> str:
+    lines = []
+    names = {"cold": "cold pull", "warm": "warm pull", "conc": "concurrent cold pulls"}
+    for key, title in names.items():
+        per = results.details.get(key, {})
+        for t in TARGETS:
+            if t in per:
+                lines.append(f"- {title}, {t}: {per[t] or 'none'}")
+    return "\n".join(lines)
+
+
+def profiles_section(profiles: list[profile.Profile]) -> str:
+    parts = []
+    for prof in profiles:
+        parts.append(
+            f"#### {prof.label}\n\nLoad while profiled: {prof.load}. {prof.samples} samples "
+            f"at {profile.RATE} Hz over all threads, {prof.idle} of them idle (executor "
+            f"workers waiting for work, the loop in epoll); shares below are of the "
+            f"{prof.busy} busy ones. Stacks: `{prof.path.name}`.\n\nSelf (leaf frame):\n\n"
+            + simple_table(
+                ["frame", "% samples"],
+                [[f"`{k}`", f"{p:.1f}"] for k, p in prof.top(prof.self_time)],
+            )
+            + "\n\nInclusive:\n\n"
+            + simple_table(
+                ["function", "% samples"],
+                [[f"`{k}`", f"{p:.1f}"] for k, p in prof.top(prof.inclusive, 20)],
+            )
+        )
+    return "\n\n".join(parts)
+
+
+@dataclass
+class Report:
+    """Everything RESULTS.md says about one run."""
+
+    config: Config
+    environment: list[tuple[str, str]]
+    proxy_env: list[str]
+    results: Results
+    rows: list[Row]
+    micro: list[micro.MicroResult]
+    profiles: list[profile.Profile]
+    elapsed: float
+
+
+def render(report: Report) -> str:
+    """RESULTS.md for a run."""
+    rows = report.rows
+    elapsed = report.elapsed
+    env = "\n".join(f"- {k}: {v}" for k, v in report.environment)
+    config = ", ".join(f"{k}={v}" for k, v in asdict(report.config).items())
+    if report.proxy_env:
+        config += "; proxy environment: " + " ".join(report.proxy_env)
+    notes = "\n".join(f"- {n}" for n in report.results.notes) or "- none"
+    text = f"""# registry-proxy benchmark results
+
+Produced by `python -m bench` ({elapsed:.0f} s). Targets: `direct` is the upstream itself
+(docker-registry, the limit), `peer` is docker-registry in proxy mode, `proxy` is
+`registry-proxy serve` with embedded defaults, `proxy+redis` the same with `--redis`.
+Medians over repetitions; ratios are ours divided by theirs.
+
+{env}
+- config: {config}
+
+## Results
+
+{markdown_table(rows)}
+
+Targets:
+
+{targets_summary(rows)}
+
+## Descriptor look-up cost (in-process, one at a time)
+
+{micro_table(report.micro)}
+
+## Upstream requests seen in the upstream's access log
+
+{details_section(report.results)}
+
+## Notes
+
+{notes}
+"""
+    if report.profiles:
+        text += f"""
+## Profiles of the proxy (py-spy, after the measurements)
+
+`proxy` (embedded defaults) profiled with `py-spy record` while wrk loads the manifest and
+warm blob endpoints, and during one cold GET of a fresh blob (with `--idle`, so threads
+waiting on I/O are sampled too). Collapsed stacks are in `bench/profiles/`.
+
+{profiles_section(report.profiles)}
+"""
+    return text

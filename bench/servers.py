@@ -1,43 +1,39 @@
 """The servers under benchmark, each a child process on a free loopback port.
 
-- :class:`Registry`: Debian's ``docker-registry`` (CNCF Distribution 2.8) with filesystem
-  storage. As the upstream it has its access log on (stdout, Combined Log Format) so the
-  bench counts what the upstream served; with ``proxy_of`` it is the peer: Distribution's
-  own pull-through mode (``proxy.remoteurl``) with storage of its own.
-- :class:`Proxy`: this project's ``registry-proxy serve`` console script with its embedded
-  defaults (only listen, upstream and cache dir given; optionally ``--redis``).
-- :class:`Redis`: ``redis-server`` without persistence.
+Built from the test rig (``tests.rig``): the upstream is docker-registry with its access
+log on (Combined Log Format, which the bench counts); the peer is docker-registry in its
+own pull-through mode (``proxy.remoteurl``) with storage of its own; Redis is
+redis-server without persistence. What only the bench needs is here:
 
-Every process is stopped by its PID (SIGTERM, then SIGKILL after a deadline).
+- :class:`Proxy`: this project's ``registry-proxy serve`` console script with its
+  embedded defaults (only listen, upstream and cache dir given; optionally ``--redis``).
+- :class:`Stack`: the five processes, started in order and stopped in reverse (by PID).
+- :class:`AccessLog`: what the upstream served between two offsets of its log.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REGISTRY_BINARY = "/usr/bin/docker-registry"
-REDIS_BINARY = "/usr/bin/redis-server"
+from tests.rig.process import ChildProcess, LoopbackAddress, free_port
+from tests.rig.redis_server import RedisServer
+from tests.rig.registry import Registry, proxy_section
+
+# Servers get longer to start than in the tests: the bench machine is busy by design.
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# The upstream's and the peer's application log level: warn, so no per-request line
+# besides the access log (which favours the peer; its access log stays on, as ours does).
+REGISTRY_LOG_LEVEL = "warn"
 
 
 def proxy_binary() -> str:
@@ -51,155 +47,14 @@ def proxy_binary() -> str:
     return found
 
 
-def binary_version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
-
-
-class Server:
-    """A child process with a log file, a readiness probe and a PID-based stop."""
-
-    name: str
-    port: int
-    workdir: Path
-
-    def __init__(self, name: str, workdir: Path) -> None:
-        self.name = name
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.env: dict[str, str] = {}
-        self.stdout_path = workdir / "stdout.log"
-        self.stderr_path = workdir / "stderr.log"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def argv(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/v2/", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False
-
-    def start(self) -> None:
-        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
-            self.process = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=self.workdir,
-                env={**os.environ, **self.env} if self.env else None,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.ready():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.process.returncode}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT}s:\n{self.tail()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
-
-    def tail(self, lines: int = 30) -> str:
-        text = ""
-        for path in (self.stdout_path, self.stderr_path):
-            if path.exists():
-                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
-        return text
-
-
-REGISTRY_CONFIG = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-health:
-  storagedriver:
-    enabled: false
-"""
-
-PROXY_SECTION = """\
-proxy:
-  remoteurl: {remote}
-"""
-
-
-class Registry(Server):
-    """``docker-registry serve``: the upstream, or with ``proxy_of`` the peer.
-
-    The access log (Combined Log Format) is the process's stdout; its application log
-    (level warn, so no per-request line besides the access log) is stderr.
-    """
-
-    def __init__(self, name: str, workdir: Path, *, proxy_of: str | None = None) -> None:
-        super().__init__(name, workdir)
-        self.root = workdir / "storage"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "config.yml"
-        config = REGISTRY_CONFIG.format(root=self.root, port=self.port)
-        if proxy_of is not None:
-            config += PROXY_SECTION.format(remote=proxy_of)
-        self.config_path.write_text(config)
-
-    def argv(self) -> list[str]:
-        return [REGISTRY_BINARY, "serve", str(self.config_path)]
-
-    def has_blob(self, digest: str) -> bool:
-        hex_ = digest.removeprefix("sha256:")
-        return (self.root / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data").exists()
-
-    @property
-    def access_log(self) -> AccessLog:
-        return AccessLog(self.stdout_path)
-
-
-class Proxy(Server):
+class Proxy(ChildProcess, LoopbackAddress):
     """``registry-proxy serve`` with embedded defaults, optionally with Redis."""
 
-    def __init__(
-        self, name: str, workdir: Path, *, upstream: str, redis_url: str | None = None
-    ) -> None:
-        super().__init__(name, workdir)
+    name = "registry-proxy"
+
+    def __init__(self, workdir: Path, *, upstream: str, redis_url: str | None = None) -> None:
+        super().__init__(workdir, log_name="proxy.log")
+        self.port = free_port()
         self.upstream = upstream
         self.redis_url = redis_url
         self.cache_dir = workdir / "cache"
@@ -219,34 +74,59 @@ class Proxy(Server):
             argv += ["--redis", self.redis_url]
         return argv
 
-
-class Redis(Server):
-    def argv(self) -> list[str]:
-        return [
-            REDIS_BINARY,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-        ]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
     def ready(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
+            with urllib.request.urlopen(self.url + "/v2/", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
             return False
+
+
+class Stack:
+    """redis, upstream, peer, proxy and proxy+redis, by the names the monitor uses."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.redis = RedisServer(workdir / "redis")
+        self.upstream = Registry(workdir / "upstream", log_level=REGISTRY_LOG_LEVEL)
+        self.peer = Registry(
+            workdir / "peer", log_level=REGISTRY_LOG_LEVEL, extra=proxy_section(self.upstream.url)
+        )
+        self.proxy = Proxy(workdir / "proxy", upstream=self.upstream.url)
+        self.proxy_redis = Proxy(
+            workdir / "proxy-redis", upstream=self.upstream.url, redis_url=self.redis.url
+        )
+        self.servers: dict[str, ChildProcess] = {
+            "redis": self.redis,
+            "upstream": self.upstream,
+            "peer": self.peer,
+            "proxy": self.proxy,
+            "proxy+redis": self.proxy_redis,
+        }
+        for name, server in self.servers.items():
+            server.name = name  # what start-up failures are reported as
+
+    @property
+    def access_log(self) -> AccessLog:
+        return AccessLog(self.upstream.log_path)
+
+    def set_proxy_env(self, key: str, value: str) -> None:
+        """Extra environment for both proxy processes (before :meth:`running`)."""
+        self.proxy.env[key] = value
+        self.proxy_redis.env[key] = value
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[dict[str, int]]:
+        """Start every server in order (yielding name -> PID); stop them in reverse."""
+        try:
+            pids: dict[str, int] = {}
+            for name, server in self.servers.items():
+                server.start(START_TIMEOUT)
+                assert server.pid is not None
+                pids[name] = server.pid
+            yield pids
+        finally:
+            for server in reversed(self.servers.values()):
+                server.stop()
 
 
 # --------------------------------------------------------------------------- access log
@@ -303,7 +183,8 @@ class Window:
 
 
 class AccessLog:
-    """Docker-registry's access log on disk, read from an offset."""
+    """Docker-registry's access log on disk, read from an offset. The file also holds the
+    application log (level warn); only Combined Log Format lines count."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

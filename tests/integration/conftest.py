@@ -1,35 +1,48 @@
-"""Fixtures for the integration tests: real servers on loopback, started per test.
+"""Fixtures for the integration tests: real servers on loopback, started per test, from
+the rig in ``tests/rig``. Test modules ask for these by name and never import them.
 
 - ``registry``: docker-registry upstream (``.url``, ``.host``, ``.stop()``, ``.start()``).
 - ``passthrough``: counting HTTP proxy in front of ``registry`` (``.url``, ``.log``).
+- ``fault_proxy``: a :class:`FaultProxy` in front of ``registry`` (no faults set).
+- ``lying_upstream``: a fake upstream that serves wrong blob bytes.
+- ``redis_server``: redis-server (``.url``, ``.kill()``, ``.pause()``...).
+- ``containerd``: a private containerd with ``ctr``.
+- ``world``: three upstreams (anonymous, Basic, token) behind one proxy.
 - ``skopeo``: :class:`Skopeo` with a private scratch dir.
 - ``http``: an aiohttp ClientSession for direct requests.
 - ``proxy_factory``: ``await proxy_factory(upstream_url, tag_ttl="5m")`` -> ProxyUnderTest.
+- ``redis_proxy_factory``: ``await redis_proxy_factory(upstream_url, redis_url, ...)``.
 - ``proxy``: the proxy under test pointed at ``passthrough`` with the default tag TTL.
-- ``lying_upstream``: a fake upstream that serves wrong blob bytes.
+
+A missing binary skips the test, or fails it when CI=true.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from .rig import (
-    REGISTRY_BINARY,
-    LyingUpstream,
-    PassThrough,
+from tests.rig.containerd import CONTAINERD_BINARY, CTR_BINARY, Containerd
+from tests.rig.faults import FaultProxy
+from tests.rig.proxy_app import (
+    ProxyFactory,
     ProxyUnderTest,
-    Registry,
-    binary_or_skip,
+    StartedProxies,
     start_proxy,
+    start_redis_proxy,
 )
-from .skopeo import SKOPEO_BINARY, Skopeo
+from tests.rig.recording import PassThrough
+from tests.rig.redis_server import REDIS_BINARY, RedisServer
+from tests.rig.registry import REGISTRY_BINARY, Registry
+from tests.rig.skopeo import SKOPEO_BINARY, Skopeo
+from tests.rig.upstreams import LyingUpstream
+from tests.rig.world import World, running_world
 
-ProxyFactory = Callable[..., Awaitable[ProxyUnderTest]]
+from .binaries import binary_or_skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,33 +55,47 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
-    binary = binary_or_skip(REGISTRY_BINARY)
-    server = Registry(tmp_path / "registry", binary=binary)
-    server.start()
-    try:
+    with Registry(tmp_path / "registry", binary=binary_or_skip(REGISTRY_BINARY)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 async def passthrough(registry: Registry) -> AsyncIterator[PassThrough]:
-    server = PassThrough(registry.url)
-    await server.start()
-    try:
+    async with PassThrough(registry.url) as server:
         yield server
-    finally:
-        await server.stop()
+
+
+@pytest.fixture
+async def fault_proxy(registry: Registry) -> AsyncIterator[FaultProxy]:
+    """A :class:`FaultProxy` in front of the ``registry`` fixture (forwarding, no faults)."""
+    async with FaultProxy(registry.url) as server:
+        yield server
 
 
 @pytest.fixture
 async def lying_upstream() -> AsyncIterator[LyingUpstream]:
-    server = LyingUpstream()
-    await server.start()
-    try:
+    async with LyingUpstream() as server:
         yield server
-    finally:
-        await server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis", binary=binary_or_skip(REDIS_BINARY)) as server:
+        yield server
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[Containerd]:
+    binaries = binary_or_skip(CONTAINERD_BINARY), binary_or_skip(CTR_BINARY)
+    with Containerd(*binaries, tmp_path / "containerd.log") as daemon:
+        yield daemon
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    binary = binary_or_skip(REGISTRY_BINARY)
+    async with running_world(tmp_path / "world", binary) as started:
+        yield started
 
 
 @pytest.fixture
@@ -86,21 +113,37 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    started: list[ProxyUnderTest] = []
+    """``await proxy_factory(upstream_url, tag_ttl=..., cache_dir=..., **upstream)``: each
+    call is a new instance (its own cache directory unless given); all are stopped at
+    teardown."""
+    started = StartedProxies()
 
     async def factory(
         upstream_url: str, *, tag_ttl: str = "5m", cache_dir: Path | None = None, **upstream: Any
     ) -> ProxyUnderTest:
         cache = cache_dir or tmp_path / f"cache{len(started) or ''}"
-        proxy = await start_proxy(upstream_url, cache, tag_ttl=tag_ttl, **upstream)
-        started.append(proxy)
-        return proxy
+        return await started.add(start_proxy(upstream_url, cache, tag_ttl=tag_ttl, **upstream))
 
     try:
         yield factory
     finally:
-        for proxy in reversed(started):
-            await proxy.server.stop()
+        await started.stop()
+
+
+@pytest.fixture
+async def redis_proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """``await redis_proxy_factory(upstream_url, redis_url, tag_ttl=..., **upstream)``: each
+    call is a new instance with its own cache directory; all are stopped at teardown."""
+    started = StartedProxies()
+
+    async def factory(upstream_url: str, redis_url: str, **kwargs: Any) -> ProxyUnderTest:
+        cache = tmp_path / f"redis-proxy-cache{len(started)}"
+        return await started.add(start_redis_proxy(upstream_url, cache, redis_url, **kwargs))
+
+    try:
+        yield factory
+    finally:
+        await started.stop()
 
 
 @pytest.fixture

@@ -10,9 +10,13 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from .oci import sha256_digest
-from .registry_client import blob_sha256, push_blob, random_blob
-from .rig import LyingUpstream, PassThrough, ProxyUnderTest, Registry, async_wait_until
+from tests.rig.distribution import blob_sha256, push_blob, random_blob
+from tests.rig.oci import sha256_digest
+from tests.rig.process import async_wait_until
+from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.recording import PassThrough
+from tests.rig.registry import Registry
+from tests.rig.upstreams import LyingUpstream
 
 pytestmark = pytest.mark.integration
 

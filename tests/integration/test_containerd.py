@@ -8,43 +8,26 @@ exactly what ctr sent and what the proxy answered.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
 
-from . import oci
-from .containerd_rig import CONTAINERD_BINARY, CTR_BINARY, Containerd, write_hosts_dir
-from .multi_rig import ANON_ALIAS, World
-from .multi_rig import world_fixture as world_fixture  # pytest finds ``world`` here
-from .rig import Exchange, PassThrough, binary_or_skip
-from .skopeo import Skopeo
+from tests.rig import oci
+from tests.rig.containerd import Containerd, write_hosts_dir
+from tests.rig.recording import Exchange, PassThrough
+from tests.rig.skopeo import Skopeo
+from tests.rig.world import ANON_ALIAS, World
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    daemon = Containerd(
-        binary_or_skip(CONTAINERD_BINARY), binary_or_skip(CTR_BINARY), tmp_path / "containerd.log"
-    )
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
-@pytest.fixture
 async def front(world: World) -> AsyncIterator[PassThrough]:
     """A counting pass-through between ctr and the proxy."""
-    server = PassThrough(world.proxy.url)
-    await server.start()
-    try:
+    async with PassThrough(world.proxy.url) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def registry_requests(front: PassThrough) -> list[Exchange]:

@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,17 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from . import oci
-from .prometheus import PROMETHEUS_BINARY, PROMTOOL_BINARY, Prometheus
-from .redis_rig import REDIS_BINARY, RedisServer
-from .rig import (
-    LoopbackServer,
-    LyingUpstream,
-    PassThrough,
-    ProxyUnderTest,
-    Registry,
-    async_wait_until,
-    binary_or_skip,
-    proxy_settings_mapping,
-)
-from .skopeo import Skopeo
+from tests.rig import oci
+from tests.rig.process import async_wait_until
+from tests.rig.prometheus import PROMETHEUS_BINARY, PROMTOOL_BINARY, Prometheus
+from tests.rig.proxy_app import ProxyUnderTest, proxy_settings_mapping, serve_proxy
+from tests.rig.recording import PassThrough
+from tests.rig.redis_server import RedisServer
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo
+from tests.rig.upstreams import LyingUpstream
+
+from .binaries import binary_or_skip
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +73,7 @@ class MeteredUpstream(PassThrough):
         super().__init__(upstream_url)
         self.blobs_released = asyncio.Event()
         self.blobs_released.set()
-        self._server.app.on_response_prepare.append(self._decorate)
+        self.app.on_response_prepare.append(self._decorate)
 
     async def _decorate(self, request: web.Request, response: web.StreamResponse) -> None:
         if "/manifests/" in request.path:
@@ -156,16 +153,6 @@ def test_dashboard_has_expressions() -> None:
 
 
 @pytest.fixture
-def proxy_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", binary=binary_or_skip(REDIS_BINARY))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def metered_upstream(registry: Registry) -> AsyncIterator[MeteredUpstream]:
     server = MeteredUpstream(registry.url)
     await server.start()
@@ -181,25 +168,19 @@ async def observed_proxy(
     tmp_path: Path,
     metered_upstream: MeteredUpstream,
     lying_upstream: LyingUpstream,
-    proxy_redis: RedisServer,
+    redis_server: RedisServer,
 ) -> AsyncIterator[ProxyUnderTest]:
     """The proxy with Redis, a disk limit, tag_ttl 0 (every tag pull revalidates) and two
     upstreams: ``up`` (default, the metered pass-through) and ``liar`` (wrong blob bytes)."""
-    from proxy.app import create_app
-    from proxy.settings import Settings
-
-    cache_dir = tmp_path / "cache"
-    mapping = proxy_settings_mapping(metered_upstream.url, cache_dir, tag_ttl="0")
-    mapping["cache"]["redis"] = proxy_redis.url
+    mapping = proxy_settings_mapping(metered_upstream.url, tmp_path / "cache", tag_ttl="0")
+    mapping["cache"]["redis"] = redis_server.url
     mapping["cache"]["max_size"] = "1GiB"  # a limit, so disk_limit_bytes is not 0
     mapping["upstreams"].append({"name": "liar", "url": lying_upstream.url})
-    settings = Settings.from_mapping(mapping)
-    server = LoopbackServer(create_app(settings))
-    await server.start()
+    proxy = await serve_proxy(mapping)
     try:
-        yield ProxyUnderTest(server=server, cache_dir=cache_dir, settings=settings)
+        yield proxy
     finally:
-        await server.stop()
+        await proxy.server.stop()
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .rig import ProxyUnderTest, free_port
+from tests.rig.process import free_port
+from tests.rig.proxy_app import ProxyFactory
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,6 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 SIDECAR_JOB = ROOT / "deploy" / "kubernetes" / "sidecar" / "ci-job.yaml"
 PROBED_ADDRESS = "127.0.0.1:5000"
 PROBE_TIMEOUT = 30.0
-
-ProxyFactory = Callable[..., Awaitable[ProxyUnderTest]]
 
 
 def dockerfile_probe() -> str:

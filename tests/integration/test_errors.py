@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from .registry_client import RawResponse, raw_request
-from .rig import PassThrough, ProxyUnderTest, Registry
+from tests.rig.distribution import RawResponse, raw_request
+from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.recording import PassThrough
+from tests.rig.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -28,20 +28,23 @@ from typing import Any
 import aiohttp
 import pytest
 
-from . import oci
-from .faults import FaultProxy, blobs, fault_proxy, manifests  # noqa: F401  (fixture)
-from .registry_client import (
+from tests.rig import oci
+from tests.rig.distribution import (
     blob_sha256,
     get_manifest,
     manifest_digest,
     push_blob,
+    push_image,
     put_manifest,
     random_blob,
 )
-from .rig import ProxyUnderTest, Registry, async_wait_until
+from tests.rig.faults import FaultProxy, blobs, manifests
+from tests.rig.process import async_wait_until
+from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo
+
 from .scrape import scrape
-from .seed import push_image
-from .skopeo import Skopeo
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +98,7 @@ async def come_back(fault: FaultProxy, how: str) -> None:
 async def test_upstream_down_serves_cache_and_fails_fast_otherwise(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     skopeo: Skopeo,
     http: aiohttp.ClientSession,
@@ -162,7 +165,7 @@ async def test_upstream_down_serves_cache_and_fails_fast_otherwise(
 async def test_restart_while_upstream_down_serves_cached_tags(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     skopeo: Skopeo,
     http: aiohttp.ClientSession,
@@ -205,7 +208,7 @@ async def big_blob(registry: Registry, http: aiohttp.ClientSession) -> str:
 @pytest.mark.parametrize("range_support", [True, False], ids=["206", "200-ignores-range"])
 async def test_cut_blob_body_is_resumed_and_committed_whole(
     big_blob: str,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     range_support: bool,
@@ -255,7 +258,7 @@ async def test_cut_blob_body_is_resumed_and_committed_whole(
 @pytest.mark.parametrize("range_support", [True, False], ids=["206", "200-ignores-range"])
 async def test_resume_never_holds_the_blob_in_memory(
     big_blob: str,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     range_support: bool,
@@ -280,7 +283,7 @@ async def test_resume_never_holds_the_blob_in_memory(
 
 async def test_body_cut_on_every_attempt_is_given_up_and_nothing_committed(
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -316,7 +319,7 @@ async def test_body_cut_on_every_attempt_is_given_up_and_nothing_committed(
 async def test_budget_under_floor_serves_cached_tags_and_refuses_cold_pulls(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     skopeo: Skopeo,
     http: aiohttp.ClientSession,
@@ -359,7 +362,7 @@ async def test_budget_under_floor_serves_cached_tags_and_refuses_cold_pulls(
 async def test_upstream_429_with_nothing_cached_stays_429(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     method: str,
@@ -393,7 +396,7 @@ async def test_upstream_429_with_nothing_cached_stays_429(
 async def test_stale_serving_is_bounded_by_max_stale(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     max_stale: str,
@@ -420,7 +423,7 @@ async def test_stale_serving_is_bounded_by_max_stale(
 async def test_revalidation_answered_with_an_error_serves_stale(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     status: int,
@@ -442,7 +445,7 @@ async def test_revalidation_answered_with_an_error_serves_stale(
 async def test_tag_gone_upstream_is_served_stale_only_with_stale_on_404(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     stale_on_404: bool,
@@ -472,7 +475,7 @@ async def test_tag_gone_upstream_is_served_stale_only_with_stale_on_404(
 async def test_stalled_upstream_times_out_into_a_stale_serve(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -506,7 +509,7 @@ async def test_stalled_upstream_times_out_into_a_stale_serve(
 async def test_single_upstream_503_is_retried(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
     retries: int,
@@ -542,7 +545,7 @@ async def test_single_upstream_503_is_retried(
 async def test_tags_list_is_served_stale_when_upstream_is_down(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -567,7 +570,7 @@ async def test_tags_list_is_served_stale_when_upstream_is_down(
 async def test_referrers_404_from_upstream_is_passed_through(
     tmp_path: Path,
     registry: Registry,
-    fault_proxy: FaultProxy,  # noqa: F811
+    fault_proxy: FaultProxy,
     proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from . import oci
-from .auth_rig import TOKEN_SERVICE, BlobStore, Credentials, RedirectingUpstream
-from .multi_rig import ANON_ALIAS, BASIC_PASSWORD_ENV, Upstream, World
-from .multi_rig import world_fixture as world_fixture  # pytest finds ``world`` here
-from .registry_client import blob_sha256, get_manifest
-from .rig import ProxyUnderTest
-from .skopeo import Skopeo, SkopeoError
+from tests.rig import oci
+from tests.rig.auth import TOKEN_SERVICE, Credentials
+from tests.rig.distribution import blob_sha256, get_manifest
+from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.skopeo import Skopeo, SkopeoError
+from tests.rig.upstreams import BlobStore, RedirectingUpstream
+from tests.rig.world import ANON_ALIAS, BASIC_PASSWORD_ENV, Upstream, World
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from . import oci
-from .registry_client import (
+from tests.rig import oci
+from tests.rig.distribution import (
     blob_sha256,
     fetch_blob,
     get_manifest,
@@ -19,8 +19,10 @@ from .registry_client import (
     random_blob,
     raw_request,
 )
-from .rig import LyingUpstream, PassThrough, Registry, wrong_bytes
-from .skopeo import Skopeo, SkopeoError
+from tests.rig.recording import PassThrough
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo, SkopeoError
+from tests.rig.upstreams import LyingUpstream, wrong_bytes
 
 pytestmark = pytest.mark.integration
 

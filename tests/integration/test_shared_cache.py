@@ -53,20 +53,22 @@ from proxy.interfaces import (
 from proxy.model import Descriptor, Digest, Outcome
 from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.settings import Settings
-
-from . import oci
-from .redis_rig import (
-    RedisProxyFactory,
-    RedisServer,
-    redis_client,
-    redis_proxy_factory,  # noqa: F401  (fixture)
-    redis_server,  # noqa: F401  (fixture)
+from tests.rig import oci
+from tests.rig.distribution import (
+    blob_sha256,
+    get_manifest,
+    manifest_digest,
+    push_existing,
+    push_image,
 )
-from .registry_client import blob_sha256, get_manifest, manifest_digest
-from .rig import PassThrough, Registry, async_wait_until, proxy_settings_mapping
+from tests.rig.process import async_wait_until
+from tests.rig.proxy_app import ProxyFactory, proxy_settings_mapping
+from tests.rig.recording import PassThrough
+from tests.rig.redis_server import RedisServer, redis_client
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo
+
 from .scrape import scrape
-from .seed import push_existing, push_image
-from .skopeo import Skopeo
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +106,7 @@ async def get_headers(
 
 
 @pytest.fixture
-async def layer(redis_server: RedisServer) -> AsyncIterator[RedisLayer]:  # noqa: F811
+async def layer(redis_server: RedisServer) -> AsyncIterator[RedisLayer]:
     redis_layer = RedisLayer(connect(redis_server.url))
     try:
         yield redis_layer
@@ -114,7 +116,7 @@ async def layer(redis_server: RedisServer) -> AsyncIterator[RedisLayer]:  # noqa
 
 async def test_descriptor_contract_on_real_redis(
     layer: RedisLayer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     cache: BlobDescriptorService = RedisDescriptorCache(layer)
     digest = digest_of("one")
@@ -150,7 +152,7 @@ async def test_descriptor_contract_on_real_redis(
 
 async def test_tag_and_link_contracts_on_real_redis(
     layer: RedisLayer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     tags = RedisTagStore(layer)
     links = RedisLinkStore(layer)
@@ -187,7 +189,7 @@ async def test_tag_and_link_contracts_on_real_redis(
 
 async def test_redis_services_stay_advisory_when_the_server_dies(
     layer: RedisLayer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     cache = RedisDescriptorCache(layer)
     tags = RedisTagStore(layer)
@@ -212,7 +214,7 @@ async def test_redis_services_stay_advisory_when_the_server_dies(
 
 
 async def test_cancelled_half_open_probe_does_not_shut_redis_out_for_good(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     """The half-open probe is the one caller let through; if it never reports (its task is
     cancelled mid-call: a request cancelled, a timeout around it, shutdown), the breaker
@@ -260,8 +262,8 @@ async def test_tag_revalidated_by_one_instance_is_fresh_for_the_other(
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     ttl = 1.5
@@ -297,8 +299,8 @@ async def test_instance_without_the_manifest_fetches_it_by_digest_not_by_tag(
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     """B knows the tag's digest from Redis (fresh, within the TTL) but has no manifest bytes
@@ -327,8 +329,8 @@ async def test_descriptor_learned_by_one_instance_needs_no_upstream_head_on_the_
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     repo = "shared/blobs"
@@ -372,8 +374,8 @@ async def test_redis_killed_mid_pulls_then_back_without_restarting_the_proxy(
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     skopeo: Skopeo,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -444,8 +446,8 @@ async def test_hung_redis_adds_no_latency_once_the_breaker_is_open(
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     """SIGSTOP: the kernel still accepts connections, so every Redis call waits for its
@@ -483,8 +485,8 @@ async def test_blob_is_served_for_a_repository_only_once_upstream_confirms_it(
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
-    redis_server: RedisServer,  # noqa: F811
-    redis_proxy_factory: RedisProxyFactory,  # noqa: F811
+    redis_server: RedisServer,
+    redis_proxy_factory: ProxyFactory,
     skopeo: Skopeo,
     http: aiohttp.ClientSession,
 ) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from . import oci
-from .registry_client import manifest_digest
-from .rig import PassThrough, ProxyUnderTest, Registry
-from .skopeo import Skopeo
+from tests.rig import oci
+from tests.rig.distribution import manifest_digest
+from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.recording import PassThrough
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo
 
 pytestmark = pytest.mark.integration
 

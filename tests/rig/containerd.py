@@ -16,17 +16,19 @@ The unreachable ``server`` makes a failing mirror fail the pull instead of being
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import shutil
 import socket
-import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .rig import free_port, read_tail, stop_process, wait_until
+from .process import (
+    STOP_TIMEOUT,
+    ChildProcess,
+    Completed,
+    free_port,
+    hermetic_environment,
+    run_command,
+)
 
 CONTAINERD_BINARY = "/usr/bin/containerd"
 CTR_BINARY = "/usr/bin/ctr"
@@ -100,21 +102,18 @@ def write_hosts_dir(root: Path, mirrors: dict[str, str], *, override_path: bool 
     return root
 
 
-@dataclass(frozen=True)
-class CtrResult:
-    returncode: int
-    stdout: str
-    stderr: str
+class Containerd(ChildProcess):
+    """A private containerd daemon; stopped by PID, its temp dir removed. The log goes
+    to ``log_path`` (outside the short-lived temp dir, so it outlives a failure)."""
 
-
-class Containerd:
-    """A private containerd daemon; stopped by PID, its temp dir removed."""
+    name = "containerd"
+    start_timeout = CONTAINERD_START_TIMEOUT
 
     def __init__(self, binary: str, ctr_binary: str, log_path: Path) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="rp-ctrd-", dir="/tmp")))
         self.binary = binary
         self.ctr_binary = ctr_binary
         self.log_path = log_path
-        self.workdir = Path(tempfile.mkdtemp(prefix="rp-ctrd-", dir="/tmp"))
         self.socket = self.workdir / "c.sock"
         self.config_path = self.workdir / "config.toml"
         self.config_path.write_text(
@@ -125,29 +124,11 @@ class Containerd:
                 disabled=", ".join(f'"{p}"' for p in DISABLED_PLUGINS),
             )
         )
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
-        try:
-            wait_until(self._ready, within=CONTAINERD_START_TIMEOUT, what="containerd's socket")
-        except AssertionError as exc:
-            self.stop()
-            raise AssertionError(f"{exc}\n--- containerd log ---\n{self.log_tail()}") from None
+    def argv(self) -> list[str]:
+        return [self.binary, "--config", str(self.config_path)]
 
-    def _ready(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise AssertionError(
-                f"containerd exited with {self.process and self.process.returncode}"
-                f"\n--- containerd log ---\n{self.log_tail()}"
-            )
+    def ready(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             try:
                 sock.connect(str(self.socket))
@@ -155,47 +136,23 @@ class Containerd:
                 return False
         return True
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM by PID, SIGKILL after a timeout; then the temp dir goes. Idempotent."""
-        process, self.process = self.process, None
-        stop_process(process)
+        super().stop(timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def log_tail(self, lines: int = 40) -> str:
-        return read_tail(self.log_path, lines)
-
-    async def ctr(self, *args: str, time_limit: float = CTR_TIMEOUT) -> CtrResult:
+    async def ctr(self, *args: str, time_limit: float = CTR_TIMEOUT) -> Completed:
         """``ctr -a SOCK -n rp-tests ARGS`` as an asyncio subprocess (the proxy it talks to
         is served by this same event loop), with no proxy variables in its environment."""
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
-        env["HOME"] = str(self.workdir)
-        process = await asyncio.create_subprocess_exec(
-            self.ctr_binary,
-            "-a",
-            str(self.socket),
-            "-n",
-            NAMESPACE,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
+        argv = [self.ctr_binary, "-a", str(self.socket), "-n", NAMESPACE, *args]
+        result = await run_command(
+            argv, env=hermetic_environment(self.workdir), time_limit=time_limit
         )
-        try:
-            async with asyncio.timeout(time_limit):
-                stdout, stderr = await process.communicate()
-        except BaseException:
-            if process.returncode is None:
-                process.kill()
-                with contextlib.suppress(ProcessLookupError):
-                    await process.wait()
-            raise
-        assert process.returncode is not None
-        return CtrResult(
-            process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
-        )
+        if result.returncode is None:
+            raise TimeoutError(f"ctr timed out after {time_limit}s: {result.command}")
+        return result
 
-    async def fetch(self, hosts_dir: Path, reference: str) -> CtrResult:
+    async def fetch(self, hosts_dir: Path, reference: str) -> Completed:
         """``ctr content fetch --hosts-dir DIR REF``: resolve and fetch every blob of the
         image for this platform into the content store (no unpacking)."""
         return await self.ctr("content", "fetch", "--hosts-dir", str(hosts_dir), reference)

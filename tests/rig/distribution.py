@@ -1,7 +1,9 @@
-"""A minimal distribution-API client for tests: push raw blobs and manifests, fetch manifests.
+"""A minimal distribution-API client: push blobs and manifests, fetch them back.
 
-Used to seed the upstream directly (bypassing skopeo) and to read back what the upstream or
-the proxy serves, with the exact bytes and headers.
+Used to seed an upstream directly (bypassing skopeo: faster when an image only needs to
+exist upstream; bench streams gigabyte layers this way) and to read back what the
+upstream or the proxy serves, with the exact bytes and headers. Failures are
+AssertionErrors carrying the status and body.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import aiohttp
 
+from . import oci
 from .oci import ACCEPT_ALL_MANIFESTS, sha256_digest
 
 UPLOAD_CHUNK = 1024 * 1024
@@ -42,29 +47,66 @@ def random_blob(size: int) -> tuple[bytes, str]:
     return data, sha256_digest(data)
 
 
+async def start_upload(session: aiohttp.ClientSession, base_url: str, repo: str) -> str:
+    """``POST /v2/<repo>/blobs/uploads/``; returns the absolute upload location."""
+    async with session.post(f"{base_url}/v2/{repo}/blobs/uploads/") as response:
+        assert response.status == 202, f"upload start: {response.status} {await response.text()}"
+        return urljoin(base_url + "/", response.headers["Location"])
+
+
+def _with_digest(location: str, digest: str) -> str:
+    separator = "&" if "?" in location else "?"
+    return f"{location}{separator}digest={digest}"
+
+
 async def push_blob(session: aiohttp.ClientSession, base_url: str, repo: str, data: bytes) -> str:
     """Monolithic upload: ``POST /v2/<repo>/blobs/uploads/`` then ``PUT <location>?digest=``.
     Returns the digest."""
     digest = sha256_digest(data)
-    async with session.post(f"{base_url}/v2/{repo}/blobs/uploads/") as response:
-        assert response.status == 202, f"upload start: {response.status} {await response.text()}"
-        location = response.headers["Location"]
-    if location.startswith("/"):
-        location = base_url + location
-    separator = "&" if "?" in location else "?"
+    location = await start_upload(session, base_url, repo)
 
     async def body() -> AsyncIterator[bytes]:
         for start in range(0, len(data), UPLOAD_CHUNK):
             yield data[start : start + UPLOAD_CHUNK]
 
     async with session.put(
-        f"{location}{separator}digest={digest}",
+        _with_digest(location, digest),
         data=body(),
         headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
     ) as response:
         assert response.status == 201, f"upload put: {response.status} {await response.text()}"
         assert response.headers.get("Docker-Content-Digest") == digest
     return digest
+
+
+async def push_stream(
+    session: aiohttp.ClientSession, base_url: str, repo: str, body: AsyncIterable[bytes]
+) -> tuple[str, int]:
+    """Chunked upload of a body of unknown digest: ``POST``, one streamed ``PATCH`` (hashed
+    on the way, never held in memory), then ``PUT <location>?digest=`` with no body.
+    Returns (digest, size)."""
+    hasher = hashlib.sha256()
+    size = 0
+
+    async def hashed() -> AsyncIterator[bytes]:
+        nonlocal size
+        async for chunk in body:
+            hasher.update(chunk)
+            size += len(chunk)
+            yield chunk
+
+    location = await start_upload(session, base_url, repo)
+    async with session.patch(
+        location, data=hashed(), headers={"Content-Type": "application/octet-stream"}
+    ) as response:
+        assert response.status == 202, f"upload patch: {response.status} {await response.text()}"
+        location = urljoin(base_url + "/", response.headers["Location"])
+    digest = "sha256:" + hasher.hexdigest()
+    async with session.put(
+        _with_digest(location, digest), headers={"Content-Length": "0"}
+    ) as response:
+        assert response.status == 201, f"upload finish: {response.status} {await response.text()}"
+    return digest, size
 
 
 async def put_manifest(
@@ -205,3 +247,37 @@ def _dechunk(data: bytes) -> bytes:
         out += data[:size]
         data = data[size + 2 :]
     return bytes(out)
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+async def push_image(
+    http: aiohttp.ClientSession,
+    registry_url: str,
+    workdir: Path,
+    repo: str,
+    tag: str,
+    *,
+    layers: int = 1,
+    layer_size: int = oci.DEFAULT_LAYER_SIZE,
+) -> oci.OciImage:
+    """Generate a fresh OCI image in ``workdir`` and push its blobs and manifest (tagged
+    ``tag``) into ``repo``; returns the image (digests, sizes, manifest bytes)."""
+    image = oci.make_image(workdir, tag=tag, layers=layers, layer_size=layer_size)
+    await push_existing(http, registry_url, image, repo, tag)
+    return image
+
+
+async def push_existing(
+    http: aiohttp.ClientSession, registry_url: str, image: oci.OciImage, repo: str, tag: str
+) -> None:
+    """Push an already generated image (the same bytes, so the same digests) to ``repo``."""
+    blobs = image.layout / "blobs" / "sha256"
+    for blob in (image.config, *image.layers):
+        data = (blobs / blob.digest.removeprefix("sha256:")).read_bytes()
+        await push_blob(http, registry_url, repo, data)
+    digest = await put_manifest(
+        http, registry_url, repo, tag, image.manifest_bytes, oci.OCI_MANIFEST
+    )
+    assert digest == image.manifest.digest

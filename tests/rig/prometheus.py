@@ -8,7 +8,6 @@ loop while Prometheus scrapes it, so readiness and queries go through aiohttp.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .rig import START_TIMEOUT, STOP_TIMEOUT, free_port, read_tail, stop_process
+from .process import START_TIMEOUT, ChildProcess, NotReady, free_port
 
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 PROMTOOL_BINARY = "/usr/bin/promtool"
@@ -24,8 +23,13 @@ JOB = "registry-proxy"
 SCRAPE_INTERVAL = "1s"
 
 
-class Prometheus:
-    """``prometheus`` scraping ``targets`` (``host:port``) as job :data:`JOB`."""
+class Prometheus(ChildProcess):
+    """``prometheus`` scraping ``targets`` (``host:port``) as job :data:`JOB`.
+
+    :meth:`start` returns once the process runs; :meth:`wait_ready` then waits, without
+    blocking the loop, for it to serve."""
+
+    name = "prometheus"
 
     def __init__(
         self,
@@ -35,13 +39,11 @@ class Prometheus:
         binary: str = PROMETHEUS_BINARY,
         scrape_interval: str = SCRAPE_INTERVAL,
     ) -> None:
+        super().__init__(workdir)
         self.binary = binary
-        self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "prometheus.yml"
         self.storage = workdir / "data"
-        self.log_path = workdir / "prometheus.log"
-        self.process: subprocess.Popen[bytes] | None = None
         self.storage.mkdir(parents=True, exist_ok=True)
         config = {
             "global": {
@@ -63,23 +65,19 @@ class Prometheus:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def argv(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.storage}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--storage.tsdb.retention.time=1h",
+            "--log.level=warn",
+        ]
+
+    def start(self, timeout: float | None = None) -> None:
         """Start the process; :meth:`wait_ready` then waits for it to serve."""
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_path}",
-                    f"--storage.tsdb.path={self.storage}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--storage.tsdb.retention.time=1h",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
+        self.spawn()
 
     async def wait_ready(
         self, session: aiohttp.ClientSession, within: float = START_TIMEOUT
@@ -90,17 +88,16 @@ class Prometheus:
         while not await self._ready(session):
             if asyncio.get_running_loop().time() > deadline:
                 self.stop()
-                raise AssertionError(
-                    f"prometheus not ready on {self.url} after {within}s\n"
-                    f"--- prometheus log ---\n{self.log_tail()}"
+                raise NotReady(
+                    f"prometheus not ready on {self.url} after {within}s\n{self._log_section()}"
                 )
             await asyncio.sleep(0.05)
 
     async def _ready(self, session: aiohttp.ClientSession) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise AssertionError(
+        if not self.running:
+            raise NotReady(
                 f"prometheus exited with {self.process and self.process.returncode}"
-                f"\n--- prometheus log ---\n{self.log_tail()}"
+                f"\n{self._log_section()}"
             )
         try:
             async with session.get(
@@ -131,11 +128,3 @@ class Prometheus:
         body = await self.query(session, expr)
         result = body.get("data", {}).get("result", []) if body.get("status") == "success" else []
         return float(result[0]["value"][1]) if result else None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM by PID, then SIGKILL if it does not exit in ``timeout``; idempotent."""
-        process, self.process = self.process, None
-        stop_process(process, timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return read_tail(self.log_path, lines)

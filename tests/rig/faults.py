@@ -1,8 +1,8 @@
 """A fault-injecting HTTP pass-through between the proxy under test and docker-registry.
 
-:class:`FaultProxy` forwards like ``rig.PassThrough`` (method, raw path and query, headers
-including ``Range``, streamed bodies, redirects passed back) and records every exchange in
-``log`` (a ``rig.RequestLog``), but can be told to misbehave the way real upstreams do:
+:class:`FaultProxy` is a :class:`~tests.rig.recording.PassThrough` (method, raw path and
+query, headers including ``Range``, streamed bodies, redirects passed back, every exchange
+recorded in ``log``) that can be told to misbehave the way real upstreams do:
 
 - ``await refuse()`` / ``await accept()``: close the listening socket (new connections are
   refused) and drop requests on connections already open; then listen again, same port.
@@ -25,23 +25,18 @@ Nothing sleeps: stalls wait on an event that ``release()`` (or ``stop()``) sets.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
-from .rig import (
-    CHUNK,
+from .recording import (
     HOP_BY_HOP,
+    BodyCut,
     Exchange,
-    Registry,
-    RequestLog,
+    PassThrough,
     drop_connection,
-    relayed_response,
-    send_upstream,
+    oci_error,
 )
 
 Match = Callable[[Exchange], bool]
@@ -126,12 +121,11 @@ class Stall:
     held: int = 0
 
 
-class FaultProxy:
+class FaultProxy(PassThrough):
     """A recording pass-through to ``upstream_url`` with switchable faults."""
 
     def __init__(self, upstream_url: str) -> None:
-        self.upstream_url = upstream_url.rstrip("/")
-        self.log = RequestLog()
+        super().__init__(upstream_url)
         self.reset = False
         self.strip_range = False
         self.ratelimit_remaining: int | None = None
@@ -140,60 +134,23 @@ class FaultProxy:
         self._failures: list[Failure] = []
         self._cuts: list[Cut] = []
         self._stall: Stall | None = None
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        self._site: web.TCPSite | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self.port = 0
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     # Life cycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
-            connector=aiohttp.TCPConnector(force_close=True),
-        )
-        await self._runner.setup()
-        await self._listen()
-
-    async def _listen(self) -> None:
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await site.start()
-        self._site = site
-        if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
-
     async def stop(self) -> None:
         self.release()
-        self._site = None
-        await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await super().stop()
 
     async def refuse(self) -> None:
         """The upstream goes away: the port refuses connections, and requests on
         connections the proxy already holds are dropped unanswered."""
         self._refusing = True
-        site, self._site = self._site, None
-        if site is not None:
-            await site.stop()
+        await self._server.close_listener()
 
     async def accept(self) -> None:
         """The upstream is back, on the same port."""
         self._refusing = False
-        if self._site is None:
-            await self._listen()
+        await self._server.listen()
 
     # Faults --------------------------------------------------------------------------
 
@@ -254,24 +211,7 @@ class FaultProxy:
 
     # Handling ------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        exchange = Exchange(
-            method=request.method,
-            path=request.path,
-            query=request.query_string,
-            headers=CIMultiDict(request.headers),
-            target=request.raw_path,
-        )
-        self.log.exchanges.append(exchange)
-        try:
-            return await self._answer(request, exchange)
-        except BaseException as exc:
-            exchange.error = exchange.error or type(exc).__name__
-            raise
-        finally:
-            exchange.done = True
-
-    async def _answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         stall = self._stall
         if stall is not None and stall.match(exchange):
             stall.held += 1
@@ -280,77 +220,21 @@ class FaultProxy:
             return drop_connection(request, exchange, "refused" if self._refusing else "reset")
         for failure in self._failures:
             if failure.take(exchange):
-                return _error(exchange, failure.status, failure.headers)
+                code = ERROR_CODES.get(failure.status, "UNKNOWN")
+                return oci_error(exchange, failure.status, code, "fault", failure.headers)
         if exchange.is_manifest and request.method in ("GET", "HEAD"):
             repo, _, reference = request.path.removeprefix("/v2/").rpartition("/manifests/")
             if (repo, reference) in self.dropped_tags:
-                return _error(exchange, 404, {}, code="MANIFEST_UNKNOWN")
+                return oci_error(exchange, 404, "MANIFEST_UNKNOWN", "fault")
         cut = next((c for c in self._cuts if c.take(exchange)), None)
-        return await self._forward(request, exchange, cut)
-
-    async def _forward(
-        self, request: web.Request, exchange: Exchange, cut: Cut | None
-    ) -> web.StreamResponse:
-        assert self._session is not None
-        drop = {*HOP_BY_HOP, "range"} if self.strip_range else HOP_BY_HOP
-        try:
-            upstream = await send_upstream(self._session, self.upstream_url, request, drop=drop)
-        except aiohttp.ClientError as exc:
-            return drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
-        async with upstream:
-            response = relayed_response(upstream, exchange)
-            if self.ratelimit_remaining is not None:
-                for name, value in ratelimit_headers(self.ratelimit_remaining).items():
-                    response.headers[name] = value
-            limit = cut.after if cut is not None else None
-            try:
-                await response.prepare(request)
-                if request.method != "HEAD":
-                    async for chunk in upstream.content.iter_chunked(CHUNK):
-                        if limit is not None and exchange.bytes_sent + len(chunk) >= limit:
-                            chunk = chunk[: limit - exchange.bytes_sent]
-                            await response.write(chunk)
-                            exchange.bytes_sent += len(chunk)
-                            return _cut(request, exchange, cut)
-                        await response.write(chunk)
-                        exchange.bytes_sent += len(chunk)
-                await response.write_eof()
-            except ConnectionError as exc:
-                exchange.error = f"client went away: {exc!r}"
-            except aiohttp.ClientError as exc:
-                return drop_connection(request, exchange, f"upstream broke: {exc!r}")
-            return response
-
-
-def _error(
-    exchange: Exchange, status: int, headers: dict[str, str], *, code: str | None = None
-) -> web.Response:
-    exchange.status = status
-    body = {"errors": [{"code": code or ERROR_CODES.get(status, "UNKNOWN"), "message": "fault"}]}
-    response = web.json_response(body, status=status, headers=headers)
-    exchange.response_headers = CIMultiDict(response.headers)
-    return response
-
-
-def _cut(request: web.Request, exchange: Exchange, cut: Cut | None) -> web.StreamResponse:
-    """End the connection mid-body. ``close`` flushes what was written first (the client
-    receives exactly ``after`` bytes); ``abort`` discards whatever is still buffered."""
-    exchange.error = f"cut after {exchange.bytes_sent} bytes"
-    transport = request.transport
-    if transport is not None:
-        if cut is not None and cut.abort:
-            transport.abort()
-        else:
-            transport.close()
-    return web.Response(status=502)
-
-
-@pytest.fixture
-async def fault_proxy(registry: Registry) -> AsyncIterator[FaultProxy]:
-    """A :class:`FaultProxy` in front of the ``registry`` fixture (forwarding, no faults)."""
-    server = FaultProxy(registry.url)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+        return await self.forward(
+            request,
+            exchange,
+            drop={*HOP_BY_HOP, "range"} if self.strip_range else HOP_BY_HOP,
+            add_headers=(
+                ratelimit_headers(self.ratelimit_remaining)
+                if self.ratelimit_remaining is not None
+                else None
+            ),
+            cut=BodyCut(cut.after, cut.abort) if cut is not None else None,
+        )

@@ -1,8 +1,8 @@
-"""Run ``skopeo copy`` from tests without blocking the event loop.
+"""``skopeo`` as an asyncio subprocess, in a hermetic environment.
 
-The proxy under test is served by the test's own event loop, so skopeo must run as an
-asyncio subprocess. The environment is hermetic: no HTTP proxy variables, an empty
-registries.conf, no auth file, ``--insecure-policy``, no retries.
+The proxy under test may be served by the caller's own event loop, so skopeo never
+blocks it. The environment holds no HTTP proxy variables, an empty registries.conf, no
+auth file; every call has ``--insecure-policy`` and ``--retry-times 0``.
 
 skopeo with ``--*-tls-verify=false`` first sends a TLS ClientHello to the plain-HTTP port,
 then retries over HTTP; servers under test must survive that.
@@ -11,9 +11,12 @@ then retries over HTTP; servers under test must survive that.
 from __future__ import annotations
 
 import asyncio
-import os
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .process import hermetic_environment, run_command
 
 SKOPEO_BINARY = "/usr/bin/skopeo"
 SKOPEO_TIMEOUT = 120.0
@@ -27,13 +30,20 @@ class SkopeoError(AssertionError):
         self.returncode = returncode
         self.stderr = stderr
 
+    @property
+    def last_line(self) -> str:
+        """The last non-blank line of stderr (at most 300 characters), for summaries."""
+        lines = [line for line in self.stderr.strip().splitlines() if line.strip()]
+        return lines[-1][:300] if lines else ""
 
-@dataclass(frozen=True)
+
+@dataclass
 class Skopeo:
-    """skopeo bound to a scratch directory for its config and temp files."""
+    """skopeo bound to a scratch directory for its config, temp files and pulled layouts."""
 
     workdir: Path
     binary: str = SKOPEO_BINARY
+    _pulls: int = field(default=0, init=False, repr=False)
 
     def _env(self) -> dict[str, str]:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -42,53 +52,32 @@ class Skopeo:
             registries_conf.write_text("unqualified-search-registries = []\n")
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
-        keep = {"PATH", "LANG", "LC_ALL", "TZ"}
-        env = {k: v for k, v in os.environ.items() if k in keep}
-        env.update(
-            HOME=str(self.workdir),
+        return hermetic_environment(
+            self.workdir,
             XDG_RUNTIME_DIR=str(self.workdir),
             XDG_CONFIG_HOME=str(self.workdir / "config"),
             TMPDIR=str(tmp),
             CONTAINERS_REGISTRIES_CONF=str(registries_conf),
             REGISTRY_AUTH_FILE=str(self.workdir / "auth.json"),
         )
-        return env
 
     async def run(self, *args: str, time_limit: float = SKOPEO_TIMEOUT) -> str:
         """Run ``skopeo --insecure-policy ARGS``; returns stdout, raises SkopeoError."""
         argv = [self.binary, "--insecure-policy", *args]
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env(),
-        )
-        try:
-            async with asyncio.timeout(time_limit):
-                stdout, stderr = await process.communicate()
-        except TimeoutError:
-            process.kill()
-            stdout, stderr = await process.communicate()
+        result = await run_command(argv, env=self._env(), time_limit=time_limit)
+        if result.returncode is None:
             raise SkopeoError(
-                f"skopeo timed out after {time_limit}s: {' '.join(argv)}\n"
-                f"stderr:\n{stderr.decode(errors='replace')}",
+                f"skopeo timed out after {time_limit}s: {result.command}\nstderr:\n{result.stderr}",
                 None,
-                stderr.decode(errors="replace"),
-            ) from None
-        except BaseException:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            raise
-        if process.returncode != 0:
-            text = stderr.decode(errors="replace")
-            raise SkopeoError(
-                f"skopeo exited {process.returncode}: {' '.join(argv)}\nstderr:\n{text}",
-                process.returncode,
-                text,
+                result.stderr,
             )
-        return stdout.decode(errors="replace")
+        if result.returncode != 0:
+            raise SkopeoError(
+                f"skopeo exited {result.returncode}: {result.command}\nstderr:\n{result.stderr}",
+                result.returncode,
+                result.stderr,
+            )
+        return result.stdout
 
     async def push(
         self,
@@ -100,12 +89,13 @@ class Skopeo:
         format: str | None = None,
         all_images: bool = False,
         preserve_digests: bool = False,
+        creds: str | None = None,
     ) -> None:
         """``skopeo copy SOURCE docker://HOST/REPO:TAG`` over plain HTTP.
 
         ``source`` is e.g. ``oci:DIR:TAG``; ``format`` ``"v2s2"`` converts to Docker schema2
         (an index then becomes a Docker manifest list), ``"oci"`` keeps OCI; ``all_images``
-        copies every platform of an index."""
+        copies every platform of an index; ``creds`` is ``user:password``."""
         args = ["copy", "--retry-times", "0", "--dest-tls-verify=false"]
         if format is not None:
             args += ["--format", format]
@@ -113,6 +103,8 @@ class Skopeo:
             args.append("--all")
         if preserve_digests:
             args.append("--preserve-digests")
+        if creds is not None:
+            args += ["--dest-creds", creds]
         await self.run(*args, source, f"docker://{host}/{repo}:{tag}")
 
     async def pull(
@@ -125,6 +117,7 @@ class Skopeo:
         all_images: bool = False,
         arch: str | None = None,
         os_name: str = "linux",
+        time_limit: float = SKOPEO_TIMEOUT,
     ) -> None:
         """``skopeo copy docker://HOST/REFERENCE oci:DEST:TAG`` over plain HTTP.
 
@@ -136,7 +129,9 @@ class Skopeo:
         args += ["copy", "--retry-times", "0", "--src-tls-verify=false"]
         if all_images:
             args.append("--all")
-        await self.run(*args, f"docker://{host}/{reference}", f"oci:{dest}:{tag}")
+        await self.run(
+            *args, f"docker://{host}/{reference}", f"oci:{dest}:{tag}", time_limit=time_limit
+        )
 
     async def inspect_raw(self, host: str, reference: str) -> str:
         """``skopeo inspect --raw``: the manifest bytes as the registry served them."""
@@ -148,3 +143,36 @@ class Skopeo:
             "--tls-verify=false",
             f"docker://{host}/{reference}",
         )
+
+    async def timed_pull(
+        self, host: str, reference: str, *, time_limit: float = SKOPEO_TIMEOUT
+    ) -> float:
+        """:meth:`pull` into a fresh layout in the work dir, removed afterwards; returns
+        wall seconds."""
+        self._pulls += 1
+        dest = self.workdir / f"pull-{self._pulls}"
+        started = time.perf_counter()
+        try:
+            await self.pull(host, reference, dest, time_limit=time_limit)
+            return time.perf_counter() - started
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    async def pull_many(
+        self, host: str, reference: str, n: int, *, time_limit: float = SKOPEO_TIMEOUT
+    ) -> tuple[float, list[SkopeoError]]:
+        """``n`` pulls at once; returns wall seconds until the last one ended, and the
+        errors of the pulls that failed (the others still count)."""
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(self.timed_pull(host, reference, time_limit=time_limit) for _ in range(n)),
+            return_exceptions=True,
+        )
+        wall = time.perf_counter() - started
+        errors: list[SkopeoError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, SkopeoError):
+                errors.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return wall, errors

@@ -1,9 +1,12 @@
-"""Generate OCI image layouts in pure Python, with random content so digests are fresh.
+"""OCI media types and documents, and image layouts generated in pure Python with random
+content so digests are fresh.
 
-An image is written as an OCI image layout directory (``oci-layout``, ``index.json``,
-``blobs/sha256/<hex>``) that ``skopeo copy oci:DIR:TAG ...`` can push. Layers are gzip'd
-tar files holding one file of random bytes, so every call yields new layer digests, new
-diff_ids, a new config and a new manifest digest.
+:func:`image_config` and :func:`image_manifest` are the one place an image's config and
+manifest JSON are written (bench's streamed images use them too). A generated image is an
+OCI image layout directory (``oci-layout``, ``index.json``, ``blobs/sha256/<hex>``) that
+``skopeo copy oci:DIR:TAG ...`` can push. Layers are gzip'd tar files holding one file of
+random bytes, so every call yields new layer digests, new diff_ids, a new config and a new
+manifest digest.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -141,6 +146,32 @@ class OciLayout:
         (self.path / "index.json").write_text(json.dumps(index, indent=2))
 
 
+def image_config(
+    platform: Platform, diff_ids: Sequence[str], *, created_by: str = "registry-proxy tests"
+) -> bytes:
+    """An image config (canonical JSON) for layers with these diff_ids."""
+    config = {
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "created": "2024-01-01T00:00:00Z",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": created_by}] * len(diff_ids),
+    }
+    return canonical_json(config)
+
+
+def image_manifest(config: Blob, layers: Sequence[Blob]) -> bytes:
+    """An OCI image manifest (canonical JSON) for this config and these layers."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [blob.descriptor() for blob in layers],
+    }
+    return canonical_json(manifest)
+
+
 def random_layer(size: int = DEFAULT_LAYER_SIZE) -> tuple[bytes, str]:
     """A gzip'd tar holding one file of ``size`` random bytes; returns (blob, diff_id)."""
     content = os.urandom(size)
@@ -157,38 +188,32 @@ def random_layer(size: int = DEFAULT_LAYER_SIZE) -> tuple[bytes, str]:
 
 def write_image(
     layout: OciLayout,
+    tag: str,
     *,
     layers: int = 2,
     layer_size: int = DEFAULT_LAYER_SIZE,
     platform: Platform = Platform("linux", "amd64"),
-) -> tuple[Blob, bytes, Blob, tuple[Blob, ...], tuple[str, ...]]:
-    """Write config, layers and manifest blobs; returns (manifest, manifest bytes, config,
-    layers, diff_ids). The manifest is not tagged."""
+) -> OciImage:
+    """Write config, layers and manifest blobs into ``layout``; the manifest is not tagged
+    (``tag`` is what the returned image will be pulled by)."""
     layer_blobs: list[Blob] = []
     diff_ids: list[str] = []
     for _ in range(layers):
         data, diff_id = random_layer(layer_size)
         layer_blobs.append(layout.add_blob(data, OCI_LAYER_GZIP))
         diff_ids.append(diff_id)
-    config = {
-        "architecture": platform.architecture,
-        "os": platform.os,
-        "created": "2024-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "registry-proxy tests"}]
-        * layers,
-    }
-    config_blob = layout.add_blob(canonical_json(config), OCI_CONFIG)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config_blob.descriptor(),
-        "layers": [blob.descriptor() for blob in layer_blobs],
-    }
-    manifest_bytes = canonical_json(manifest)
-    manifest_blob = layout.add_blob(manifest_bytes, OCI_MANIFEST)
-    return manifest_blob, manifest_bytes, config_blob, tuple(layer_blobs), tuple(diff_ids)
+    config_blob = layout.add_blob(image_config(platform, diff_ids), OCI_CONFIG)
+    manifest_bytes = image_manifest(config_blob, layer_blobs)
+    return OciImage(
+        layout=layout.path,
+        tag=tag,
+        platform=platform,
+        manifest=layout.add_blob(manifest_bytes, OCI_MANIFEST),
+        manifest_bytes=manifest_bytes,
+        config=config_blob,
+        layers=tuple(layer_blobs),
+        diff_ids=tuple(diff_ids),
+    )
 
 
 def make_image(
@@ -201,20 +226,9 @@ def make_image(
 ) -> OciImage:
     """Write a single-platform OCI image layout at ``path`` tagged ``tag``."""
     layout = OciLayout(path)
-    manifest, manifest_bytes, config, layer_blobs, diff_ids = write_image(
-        layout, layers=layers, layer_size=layer_size, platform=platform
-    )
-    layout.tag(manifest, tag)
-    return OciImage(
-        layout=path,
-        tag=tag,
-        platform=platform,
-        manifest=manifest,
-        manifest_bytes=manifest_bytes,
-        config=config,
-        layers=layer_blobs,
-        diff_ids=diff_ids,
-    )
+    image = write_image(layout, tag, layers=layers, layer_size=layer_size, platform=platform)
+    layout.tag(image.manifest, tag)
+    return image
 
 
 DEFAULT_PLATFORMS = (Platform("linux", "amd64"), Platform("linux", "arm64"))
@@ -231,23 +245,10 @@ def make_index(
     """Write a multi-platform OCI image layout: an OCI index tagged ``tag`` that references
     one image manifest per platform (each with its own random layers)."""
     layout = OciLayout(path)
-    images: list[OciImage] = []
-    for platform in platforms:
-        manifest, manifest_bytes, config, layer_blobs, diff_ids = write_image(
-            layout, layers=layers, layer_size=layer_size, platform=platform
-        )
-        images.append(
-            OciImage(
-                layout=path,
-                tag=tag,
-                platform=platform,
-                manifest=manifest,
-                manifest_bytes=manifest_bytes,
-                config=config,
-                layers=layer_blobs,
-                diff_ids=diff_ids,
-            )
-        )
+    images = [
+        write_image(layout, tag, layers=layers, layer_size=layer_size, platform=platform)
+        for platform in platforms
+    ]
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,

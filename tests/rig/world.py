@@ -9,8 +9,8 @@ configured with the pass-through URLs, so an upstream's ``host`` (what container
 ``ns``) is the pass-through's ``127.0.0.1:PORT``. Images are pushed straight into the
 registries (with credentials where needed), never through the pass-throughs.
 
-Fixtures (import them into a test module by their function names, with ``noqa: F401``):
-``world`` (:class:`World`).
+:func:`running_world` starts and stops it all; the ``world`` fixture in
+``tests/integration/conftest.py`` wraps it.
 """
 
 from __future__ import annotations
@@ -21,18 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from . import oci
-from .auth_rig import AuthRegistry, Credentials, TokenServer, htpasswd_auth
-from .rig import (
-    REGISTRY_BINARY,
-    LoopbackServer,
-    PassThrough,
-    ProxyUnderTest,
-    Registry,
-    binary_or_skip,
-)
+from .auth import Credentials, TokenServer, htpasswd_auth
+from .proxy_app import ProxyUnderTest, StartedProxies, serve_proxy
+from .recording import PassThrough
+from .registry import Registry
 from .skopeo import Skopeo
 
 ANON_ALIAS = "anon.registry.test"
@@ -62,31 +55,18 @@ class Upstream:
         self, skopeo: Skopeo, image: oci.OciImage | oci.OciIndex, repo: str, tag: str
     ) -> None:
         """Push an OCI layout straight into the registry, as it is (no format change)."""
-        args = ["copy", "--retry-times", "0", "--dest-tls-verify=false"]
-        if isinstance(image, oci.OciIndex):
-            args.append("--all")
-        if self.credentials is not None:
-            args += ["--dest-creds", self.credentials.colon]
-        await skopeo.run(*args, image.oci_ref, f"docker://{self.registry.host}/{repo}:{tag}")
+        await skopeo.push(
+            image.oci_ref,
+            self.registry.host,
+            repo,
+            tag,
+            all_images=isinstance(image, oci.OciIndex),
+            creds=self.credentials.colon if self.credentials is not None else None,
+        )
 
 
 def upstream_entry(upstream: Upstream, **extra: Any) -> dict[str, Any]:
     return {"name": upstream.name, "url": upstream.url, **extra}
-
-
-async def start_multi_proxy(
-    mapping: Mapping[str, Any], cache_dir: Path, environ: Mapping[str, str]
-) -> ProxyUnderTest:
-    """Serve ``create_app`` for a settings mapping with any number of upstreams.
-
-    ``environ`` is what ``password_env`` reads (never the test process's environment)."""
-    from proxy.app import create_app
-    from proxy.settings import Settings
-
-    settings = Settings.from_mapping(mapping, environ=environ)
-    server = LoopbackServer(create_app(settings))
-    await server.start()
-    return ProxyUnderTest(server=server, cache_dir=cache_dir, settings=settings)
 
 
 @dataclass
@@ -97,7 +77,7 @@ class World:
     token_server: TokenServer
     workdir: Path
     proxy: ProxyUnderTest = field(init=False)
-    _proxies: list[ProxyUnderTest] = field(default_factory=list)
+    _proxies: StartedProxies = field(default_factory=StartedProxies)
 
     @property
     def upstreams(self) -> tuple[Upstream, Upstream, Upstream]:
@@ -158,14 +138,10 @@ class World:
         }
         if environ is None:
             environ = {BASIC_PASSWORD_ENV: self.basic.credentials.password}
-        proxy = await start_multi_proxy(mapping, cache_dir, environ)
-        self._proxies.append(proxy)
-        return proxy
+        return await self._proxies.add(serve_proxy(mapping, environ=environ))
 
     async def close_proxies(self) -> None:
-        for proxy in reversed(self._proxies):
-            await proxy.server.stop()
-        self._proxies.clear()
+        await self._proxies.stop()
 
 
 @contextlib.asynccontextmanager
@@ -175,42 +151,30 @@ async def running_world(workdir: Path, binary: str) -> AsyncIterator[World]:
     basic_creds = Credentials.random("basic-user")
     tok_creds = Credentials.random("tok-user")
     async with contextlib.AsyncExitStack() as stack:
-        token_server = TokenServer(workdir / "token", {tok_creds.username: tok_creds.password})
-        await token_server.start()
-        stack.push_async_callback(token_server.stop)
+        token_server = await stack.enter_async_context(
+            TokenServer(workdir / "token", {tok_creds.username: tok_creds.password})
+        )
 
         anon_registry = Registry(workdir / "anon", binary=binary)
-        basic_registry = AuthRegistry(
+        basic_registry = Registry(
             workdir / "basic",
             binary=binary,
-            auth=htpasswd_auth(
+            extra=htpasswd_auth(
                 workdir / "basic-auth", {basic_creds.username: basic_creds.password}
             ),
         )
-        tok_registry = AuthRegistry(
-            workdir / "tok", binary=binary, auth=token_server.registry_auth()
-        )
+        tok_registry = Registry(workdir / "tok", binary=binary, extra=token_server.registry_auth())
         upstreams: list[Upstream] = []
         for name, registry, creds in (
             ("anon", anon_registry, None),
             ("basic", basic_registry, basic_creds),
             ("tok", tok_registry, tok_creds),
         ):
-            stack.callback(registry.stop)
-            registry.start()
-            passthrough = PassThrough(registry.url)
-            await passthrough.start()
-            stack.push_async_callback(passthrough.stop)
+            stack.enter_context(registry)
+            passthrough = await stack.enter_async_context(PassThrough(registry.url))
             upstreams.append(Upstream(name, registry, passthrough, creds))
 
         world = World(upstreams[0], upstreams[1], upstreams[2], token_server, workdir)
         stack.push_async_callback(world.close_proxies)
         world.proxy = await world.start_proxy()
-        yield world
-
-
-@pytest.fixture(name="world")
-async def world_fixture(tmp_path: Path) -> AsyncIterator[World]:
-    binary = binary_or_skip(REGISTRY_BINARY)
-    async with running_world(tmp_path / "world", binary) as world:
         yield world

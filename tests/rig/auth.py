@@ -1,15 +1,15 @@
-"""Upstreams that need credentials, for the integration tests: all real, all on loopback.
+"""Upstream credentials for docker-registry, for the tests: htpasswd and token auth.
 
-- :class:`AuthRegistry`: Debian's ``docker-registry`` with an ``auth:`` section appended to
-  the rig's generated config (htpasswd Basic, or token auth). Ready means ``/v2/`` answers
-  401, since it no longer answers 200 to anyone anonymous.
+- :func:`htpasswd_auth`: an htpasswd file (bcrypt) and the ``auth:`` section pointing a
+  :class:`~tests.rig.registry.Registry` at it (pass it as ``extra``).
 - :class:`TokenServer`: the registry token service (the Docker "token" flow), an aiohttp
-  app in the test loop. It checks Basic credentials (or containerd's OAuth2 password form),
-  signs ES256 JWTs with an ``x5c`` header carrying its self-signed certificate, and records
-  every request and every token it issued. docker-registry verifies those tokens against
-  the certificate, which :meth:`TokenServer.registry_auth` writes as ``rootcertbundle``.
-- :class:`RedirectingUpstream`: a :class:`PassThrough` that answers blob GETs with a 307 to
-  a :class:`BlobStore` on another origin (as registries backed by S3 or a CDN do).
+  app in the caller's loop. It checks Basic credentials (or containerd's OAuth2 password
+  form), signs ES256 JWTs with an ``x5c`` header carrying its self-signed certificate, and
+  records every request and every token it issued. docker-registry verifies those tokens
+  against the certificate, which :meth:`TokenServer.registry_auth` writes as
+  ``rootcertbundle``.
+
+Needs the ``test`` extra (bcrypt, cryptography); bench does not import this module.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
-from multidict import CIMultiDict
 
-from .rig import CHUNK, Exchange, LoopbackServer, PassThrough, Registry, RequestLog
+from .recording import Exchange, RecordingServer
 
 TOKEN_SERVICE = "registry-proxy-tests"
 TOKEN_ISSUER = "registry-proxy-tests-issuer"
@@ -68,16 +67,7 @@ class Credentials:
         return (self.password, self.basic)
 
 
-# --------------------------------------------------------------------------- registries
-
-
-class AuthRegistry(Registry):
-    """docker-registry with an ``auth:`` section (YAML text) appended to its config."""
-
-    def __init__(self, workdir: Path, *, binary: str, auth: str) -> None:
-        super().__init__(workdir, binary=binary)
-        with self.config_path.open("a") as config:
-            config.write(auth)
+# --------------------------------------------------------------------------- htpasswd
 
 
 def htpasswd_auth(workdir: Path, users: Mapping[str, str], realm: str = "rp-tests") -> str:
@@ -113,8 +103,10 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
-    """A registry token service with its own signing key and self-signed certificate."""
+class TokenServer(RecordingServer):
+    """A registry token service with its own signing key and self-signed certificate.
+    Besides ``log`` (every HTTP request), ``requests`` holds what each token request
+    asked for and whether it was granted."""
 
     def __init__(
         self,
@@ -125,6 +117,7 @@ class TokenServer:
         issuer: str = TOKEN_ISSUER,
         lifetime: int = TOKEN_LIFETIME,
     ) -> None:
+        super().__init__()
         self.users = dict(users)
         self.service = service
         self.issuer = issuer
@@ -147,13 +140,6 @@ class TokenServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.cert_path = workdir / "token-signer.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-        app = web.Application()
-        app.router.add_route("*", "/token", self._handle)
-        self._server = LoopbackServer(app)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
 
     @property
     def realm(self) -> str:
@@ -166,7 +152,7 @@ class TokenServer:
     def registry_auth(self) -> str:
         """The ``auth:`` section of a docker-registry that trusts this server's tokens.
         The realm is only known once the server listens: start it first."""
-        assert self._server.port, "start the token server before configuring a registry"
+        assert self.port, "start the token server before configuring a registry"
         return (
             "auth:\n  token:\n"
             f"    realm: {self.realm}\n"
@@ -174,12 +160,6 @@ class TokenServer:
             f"    issuer: {self.issuer}\n"
             f"    rootcertbundle: {self.cert_path}\n"
         )
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def stop(self) -> None:
-        await self._server.stop()
 
     def sign(self, subject: str, access: list[dict[str, object]]) -> str:
         """An ES256 JWT docker-registry accepts: x5c header, iss/sub/aud/exp/nbf/iat/jti."""
@@ -211,7 +191,15 @@ class TokenServer:
     def for_scope(self, scope: str) -> list[TokenRequest]:
         return [r for r in self.requests if scope in r.scopes]
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        if request.path != "/token":
+            exchange.status = 404
+            return web.Response(status=404)
+        response = await self._token(request)
+        exchange.status = response.status
+        return response
+
+    async def _token(self, request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization")
         username, password = _basic_credentials(authorization)
         if request.method == "POST":
@@ -271,92 +259,3 @@ def _access(scope: str) -> dict[str, object]:
     kind, _, rest = scope.partition(":")
     name, _, actions = rest.rpartition(":")
     return {"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]}
-
-
-# --------------------------------------------------------------------------- redirects
-
-
-class BlobStore:
-    """Another origin serving blobs read from a registry's storage, as a CDN would. Every
-    request is recorded (headers included) so tests can see what reached it."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.log = RequestLog()
-        app = web.Application()
-        app.router.add_get("/blobs/{digest}", self._blob)
-        self._server = LoopbackServer(app)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def stop(self) -> None:
-        await self._server.stop()
-
-    async def _blob(self, request: web.Request) -> web.StreamResponse:
-        exchange = Exchange(
-            method=request.method,
-            path=request.path,
-            query=request.query_string,
-            headers=CIMultiDict(request.headers),
-            target=request.raw_path,
-        )
-        self.log.exchanges.append(exchange)
-        path = self.registry.blob_path(request.match_info["digest"])
-        if not path.is_file():
-            exchange.status = 404
-            exchange.done = True
-            return web.Response(status=404)
-        data = path.read_bytes()
-        response = web.StreamResponse(
-            status=200,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
-        )
-        exchange.status = 200
-        await response.prepare(request)
-        for start in range(0, len(data), CHUNK):
-            await response.write(data[start : start + CHUNK])
-            exchange.bytes_sent += len(data[start : start + CHUNK])
-        await response.write_eof()
-        exchange.done = True
-        return response
-
-
-class RedirectingUpstream(PassThrough):
-    """A pass-through to a registry that answers every blob GET with
-    ``307 Location: <blob store>/blobs/<digest>?sig=...``: the registry still checks the
-    request's credentials first (a HEAD of the blob with the same headers), as real
-    registries do before handing out a signed URL."""
-
-    def __init__(self, upstream_url: str, blob_store: BlobStore) -> None:
-        super().__init__(upstream_url)
-        self.blob_store = blob_store
-
-    async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        if request.method != "GET" or not exchange.is_blob:
-            return await super()._forward(request, exchange)
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization",)}
-        async with self._session.head(
-            self.upstream_url + request.path, headers=headers, allow_redirects=False
-        ) as checked:
-            if checked.status != 200:
-                exchange.status = checked.status
-                return web.Response(
-                    status=checked.status,
-                    headers={
-                        k: v
-                        for k, v in checked.headers.items()
-                        if k.lower() in ("www-authenticate", "content-type")
-                    },
-                )
-        digest = request.path.rpartition("/")[2]
-        exchange.status = 307
-        return web.Response(
-            status=307,
-            headers={"Location": f"{self.blob_store.url}/blobs/{digest}?sig={uuid.uuid4().hex}"},
-        )
