@@ -193,20 +193,18 @@ class Outcome(Enum):
     NONE = "none"
     """Nothing cacheable was asked (or the request was invalid)."""
 
-    @property
-    def header(self) -> str:
-        """The ``X-Cache`` value."""
-        return self.value.upper()
-
-    @property
-    def local(self) -> bool:
-        """Whether the body bytes came from local content (served-bytes ``source``)."""
-        return self in _LOCAL_OUTCOMES
-
-    @property
-    def source(self) -> str:
-        """``cache`` or ``upstream``: the served-bytes label."""
-        return "cache" if self.local else "upstream"
+    # Derived once per member below: plain attributes, read on every response.
+    header: str
+    """The ``X-Cache`` value."""
+    local: bool
+    """Whether the body bytes came from local content."""
+    source: str
+    """``cache`` or ``upstream``: the served-bytes label."""
 
 
 _LOCAL_OUTCOMES = frozenset({Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE})
+for _outcome in Outcome:
+    _outcome.header = _outcome.value.upper()
+    _outcome.local = _outcome in _LOCAL_OUTCOMES
+    _outcome.source = "cache" if _outcome.local else "upstream"
+del _outcome

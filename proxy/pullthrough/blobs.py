@@ -51,15 +51,17 @@ class RepositoryScope:
 
     def __init__(self, links: LinkService, upstream: str, repo: str) -> None:
         self._links = links
+        self._upstream = upstream
+        self._repo = repo
         self.origin = (upstream, repo)
 
     async def holds(self, digest: Digest) -> bool:
         """Whether the repository is known to hold ``digest``. Never raises."""
-        return await self._links.linked(*self.origin, digest)
+        return await self._links.linked(self._upstream, self._repo, digest)
 
     async def record(self, digests: list[Digest]) -> None:
         """The upstream proved the repository holds ``digests``. Idempotent."""
-        await self._links.link(*self.origin, digests)
+        await self._links.link(self._upstream, self._repo, digests)
 
 
 class ScopedBlobs(RepositoryBlobs):
