@@ -311,47 +311,24 @@ class Scenarios:
         for ref in (image.manifest_digest, image.tag):  # warm, if no scenario did
             await clients.curl_get(f"{base}/manifests/{ref}", headers=ACCEPT)
         await clients.curl_get(f"{base}/blobs/{image.layers[0].digest}")
-        loads: list[tuple[str, Awaitable[object]]] = [
-            (
-                "manifest-by-digest",
-                clients.wrk(
-                    f"{self.stack.proxy.url}/v2/{image.repo}/manifests/{image.manifest_digest}",
-                    connections=c.connections,
-                    seconds=c.profile_seconds,
-                    headers=ACCEPT,
-                ),
-            ),
-            (
-                "manifest-by-tag",
-                clients.wrk(
-                    f"{self.stack.proxy.url}/v2/{image.repo}/manifests/{image.tag}",
-                    connections=c.connections,
-                    seconds=c.profile_seconds,
-                    headers=ACCEPT,
-                ),
-            ),
-        ]
+
+        def wrk(path: str, headers: dict[str, str] | None = None) -> Awaitable[object]:
+            return clients.wrk(
+                base + path,
+                connections=c.connections,
+                seconds=c.profile_seconds,
+                headers=headers,
+            )
+
         warm_blob = image.layers[0]
-        loads.append(
-            (
-                "warm-blob-get",
-                clients.wrk(
-                    f"{self.stack.proxy.url}/v2/{image.repo}/blobs/{warm_blob.digest}",
-                    connections=c.connections,
-                    seconds=c.profile_seconds,
-                ),
-            )
-        )
         cold = self.profile_image.layers[0]
-        loads.append(
-            (
-                "cold-blob-get",
-                self._timed_get(
-                    f"{self.stack.proxy.url}/v2/{self.profile_image.repo}/blobs/{cold.digest}",
-                    cold.size,
-                ),
-            )
-        )
+        cold_url = f"{self.stack.proxy.url}/v2/{self.profile_image.repo}/blobs/{cold.digest}"
+        loads: list[tuple[str, Awaitable[object]]] = [
+            ("manifest-by-digest", wrk(f"/manifests/{image.manifest_digest}", ACCEPT)),
+            ("manifest-by-tag", wrk(f"/manifests/{image.tag}", ACCEPT)),
+            ("warm-blob-get", wrk(f"/blobs/{warm_blob.digest}")),
+            ("cold-blob-get", self._timed_get(cold_url, cold.size)),
+        ]
         pid = self.stack.proxy.pid
         assert pid is not None, "the proxy is not running"
         for label, load in loads:
