@@ -112,6 +112,8 @@ class World:
         those upstreams' entries, ``environ`` what ``password_env`` reads, ``settings``
         top-level keys (``auth``, ``access``, ``limits``...).
 
+        ``settings["cache"]`` adds keys to the cache section (``redis``).
+
         ``visibility`` of the two private upstreams: ``public`` by default, the operator's
         explicit "serve what the proxy's credentials fetch to everyone", which the tests
         of routing and formats assume; None leaves the secure default (``auto``), which
@@ -144,10 +146,10 @@ class World:
         mapping = {
             "listen": "127.0.0.1:0",
             "log_level": "debug",
-            "cache": {"dir": str(cache_dir)},
             "upstreams": entries,
             **(settings or {}),
         }
+        mapping["cache"] = {"dir": str(cache_dir), **(settings or {}).get("cache", {})}
         if environ is None:
             environ = {BASIC_PASSWORD_ENV: self.basic.credentials.password}
         return await self._proxies.add(serve_proxy(mapping, environ=environ))
