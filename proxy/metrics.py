@@ -146,6 +146,7 @@ def status_class(status: int) -> str:
     an operator can ignore."""
     return "429" if status == 429 else f"{status // 100}xx"
 
+
 # --- access control (labels: fixed reasons, and local user names or identity kinds) ----
 ACCESS_DECISIONS = Counter(
     PREFIX + "access_decisions_total",

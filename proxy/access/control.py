@@ -55,7 +55,7 @@ from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from proxy.interfaces import OpenedBlob, RepositoryBlobs
 from proxy.model import Descriptor, Digest
 from proxy.routing import Router
-from proxy.settings import DEFAULT_RULES, Settings, UpstreamSettings
+from proxy.settings import DEFAULT_RULES, LimitSettings, Settings, UpstreamSettings
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,7 @@ class AccessControl:
         self.limits = Limits(
             limits.requests, limits.cold_fetches, limits.cold_bytes, redis, self.usage
         )
-        for decision in ("allow", "deny"):
-            for reason in ("public", "user", "token", "passthrough"):
-                metrics.ACCESS_DECISIONS.labels(decision, reason)
+        _precreate_series(self.engaged, limits)
 
     def open(self) -> None:
         """Read the htpasswd file and the token key, generating one when none is
@@ -449,6 +447,24 @@ class AccessControlledBlobs(RepositoryBlobs):
     async def open(self, digest: Digest) -> OpenedBlob:
         await self._authorize()
         return await self._inner.open(digest)
+
+
+def _precreate_series(engaged: bool, limits: LimitSettings) -> None:
+    """Series at 0 from the start, so dashboards show 0 rather than "no data"."""
+    for counter in ("requests", "cache_bytes", "upstream_bytes", "denials", "limited"):
+        metrics.IDENTITY_USAGE.labels("anonymous", counter)
+    for name in ("requests", "cold_fetches", "cold_bytes"):
+        if getattr(limits, name) is not None:
+            metrics.LIMIT_REJECTIONS.labels(name, "anonymous")
+    if not engaged:
+        return
+    for reason in ("public", "user", "token", "passthrough"):
+        metrics.ACCESS_DECISIONS.labels("allow", reason)
+    for reason in ("no_rule", "not_granted", "private", "passthrough_refused", "bad_credentials"):
+        metrics.ACCESS_DECISIONS.labels("deny", reason)
+    for kind in ("visibility", "passthrough", "login"):
+        for result in ("cached", "granted", "refused"):
+            metrics.ACCESS_CHECKS.labels(kind, result)
 
 
 def _parse_scope(scope: str) -> tuple[str, set[str]] | None:
