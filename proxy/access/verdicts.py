@@ -43,6 +43,7 @@ class Verdicts:
         self._fresh: LRUCache[str, tuple[bool, float]] = LRUCache(MAX_VERDICTS)
         self._last: LRUCache[str, bool] = LRUCache(MAX_VERDICTS)
         self._pending: dict[str, asyncio.Task[bool | None]] = {}
+        self._writes: set[asyncio.Task[object]] = set()  # strong references until done
 
     async def get(self, key: str, probe: Callable[[], Awaitable[bool | None]]) -> bool:
         """The remembered answer for ``key``, else ``probe()``'s (None = proves nothing,
@@ -91,10 +92,11 @@ class Verdicts:
             redis = self._redis
             name = redis.key("access", self._kind, key)
             ttl = max(1, int(self._ttl))
-            task = asyncio.get_running_loop().create_task(
+            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
                 redis.run("set", lambda: redis.client.set(name, "1" if value else "0", ex=ttl))
             )
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
     async def _shared(self, key: str) -> bool | None:
         if self._redis is None:

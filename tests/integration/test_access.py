@@ -284,3 +284,42 @@ async def test_cold_fetch_quota_is_shared_by_two_proxies_on_one_redis(
         headers={**basic(BOB), "Accept": oci.OCI_MANIFEST},
     )
     assert status == 200
+
+
+async def test_a_pass_through_verdict_is_shared_by_replicas_through_redis(
+    world: World,
+    skopeo: Skopeo,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    await push(tmp_path, skopeo, world.basic, "shared/app")
+    assert world.basic.credentials is not None
+    settings = {"cache": {"redis": redis_server.url}}
+    first = await world.start_proxy(visibility=None, settings=access_settings(tmp_path, **settings))
+    second = await world.start_proxy(
+        visibility=None, settings=access_settings(tmp_path, **settings)
+    )
+    client = {"Authorization": "Basic " + world.basic.credentials.basic, "Accept": oci.OCI_MANIFEST}
+
+    def checks_with_client_credentials() -> int:
+        """Upstream requests made with the client's credentials: pass-through checks (the
+        proxy's own requests carry the same credentials here, so count HEADs of the tag)."""
+        return sum(
+            1
+            for e in world.basic.passthrough.log.exchanges
+            if e.method == "HEAD" and e.path == "/v2/shared/app/manifests/v1"
+        )
+
+    world.clear_logs()
+    status, _, _ = await status_and_body(
+        http, "GET", f"{first.url}/v2/basic/shared/app/manifests/v1", headers=client
+    )
+    assert status == 200
+    probes = checks_with_client_credentials()
+    assert probes >= 1
+    status, _, _ = await status_and_body(
+        http, "GET", f"{second.url}/v2/basic/shared/app/manifests/v1", headers=client
+    )
+    assert status == 200
+    assert checks_with_client_credentials() == probes  # the second replica asked no one
