@@ -282,6 +282,11 @@ class TagService(Protocol):
         """Record a mapping. Advisory: never raises for a cache failure."""
         ...
 
+    async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        """Forget the mapping if it still points to ``digest`` (its content was evicted);
+        a mapping repointed meanwhile is kept. Idempotent; never raises for a miss."""
+        ...
+
 
 class LinkService(Protocol):
     """Which repositories are known to hold a digest (Distribution's linked blob store).
@@ -296,4 +301,8 @@ class LinkService(Protocol):
 
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         """Record that ``repo`` holds ``digests``. Idempotent; advisory layers never raise."""
+        ...
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        """Forget that ``repo`` holds ``digests`` (their content was evicted). Idempotent."""
         ...

@@ -75,6 +75,10 @@ DEFAULT_TOKEN_EXPIRY = 300.0
 DEFAULT_TOKEN_SERVICE = "registry-proxy"
 DEFAULT_DECISION_TTL = 300.0
 DEFAULT_VISIBILITY_TTL = 3600.0
+DEFAULT_HIGH_WATERMARK = 0.9
+DEFAULT_LOW_WATERMARK = 0.8
+DEFAULT_MIN_AGE = 300.0
+DEFAULT_GC_GRACE = 3600.0
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -147,6 +151,20 @@ def parse_size(value: object, key: str) -> int:
     if size <= 0:
         raise ConfigError(key, "must be positive")
     return size
+
+
+def parse_fraction(value: object, key: str) -> float:
+    """A share of a whole from ``0.9`` or ``90%``; above 0, at most 1."""
+    text: object = value
+    if isinstance(value, str):
+        number, percent = value.strip().removesuffix("%"), value.strip().endswith("%")
+        try:
+            text = float(number) / (100 if percent else 1)
+        except ValueError:
+            text = None
+    if isinstance(text, bool) or not isinstance(text, int | float) or not 0 < text <= 1:
+        raise ConfigError(key, f"expected a share such as 90% or 0.9, got {value!r}")
+    return float(text)
 
 
 def parse_listen(value: object, key: str) -> tuple[str, int]:
@@ -320,6 +338,7 @@ def _show_upstreams(upstreams: tuple[UpstreamSettings, ...]) -> list[dict[str, A
 
 Duration = Annotated[float, Parse(parse_duration)]
 Size = Annotated[int, Parse(parse_size)]
+Fraction = Annotated[float, Parse(parse_fraction)]
 Address = Annotated[tuple[str, int], Parse(parse_listen), Show(_show_address)]
 Directory = Annotated[Path, Parse(parse_directory), Show(str)]
 UpstreamUrl = Annotated[str, Parse(parse_upstream_url)]
@@ -550,6 +569,46 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Size | None,
         Key(path="cache.max_size", help="evict beyond this size (20GiB)", metavar="SIZE"),
     ] = None
+    high_watermark: Annotated[
+        Fraction,
+        Key(path="cache.high_watermark", help="share of max_size that starts eviction (90%%)"),
+    ] = DEFAULT_HIGH_WATERMARK
+    low_watermark: Annotated[
+        Fraction,
+        Key(path="cache.low_watermark", help="share of max_size eviction stops at (80%%)"),
+    ] = DEFAULT_LOW_WATERMARK
+    min_age: Annotated[
+        Duration,
+        Key(
+            path="cache.min_age", help="never evict what was used this recently", metavar="DURATION"
+        ),
+    ] = DEFAULT_MIN_AGE
+    pin: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...],
+        Expect("a list of patterns such as 'dockerhub/library/*:latest'"),
+        Show(list),
+        Key(path="cache.pin", overridable=False),
+    ] = ()
+    pin_refresh: Annotated[
+        Duration | None,
+        Key(path="cache.pin_refresh", help="revalidate pinned tags this often", metavar="DURATION"),
+    ] = None
+    gc_grace: Annotated[
+        Duration,
+        Key(
+            path="cache.gc_grace",
+            help="gc keeps unreferenced blobs younger than this",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_GC_GRACE
+    max_age: Annotated[
+        Duration | None,
+        Key(
+            path="cache.max_age",
+            help="gc removes images not pulled for this long",
+            metavar="DURATION",
+        ),
+    ] = None
     auth: Annotated[AuthSettings, _section(AuthSettings), _SectionShow, Key(overridable=False)] = (
         AuthSettings()
     )
@@ -628,6 +687,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 if picked is not None:
                     value = _convert(option.field, *picked)
                     upstreams = _apply(option, value, upstreams, builtin=builtin)
+        low = values.get("low_watermark", DEFAULT_LOW_WATERMARK)
+        if low >= values.get("high_watermark", DEFAULT_HIGH_WATERMARK):
+            raise ConfigError("cache.low_watermark", "must be below cache.high_watermark")
         return cls(**values, upstreams=upstreams)
 
 

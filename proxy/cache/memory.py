@@ -47,6 +47,11 @@ class MemoryTagStore(TagService):
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         self._entries[(upstream, repo, tag)] = entry
 
+    async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        entry = self._entries.get((upstream, repo, tag))
+        if entry is not None and entry.digest == digest:
+            del self._entries[(upstream, repo, tag)]
+
 
 class MemoryLinkStore(LinkService):
     """Repository links in a bounded LRU of (upstream, repository, digest)."""
@@ -60,3 +65,7 @@ class MemoryLinkStore(LinkService):
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         for digest in digests:
             self._entries[(upstream, repo, digest)] = True
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        for digest in digests:
+            self._entries.pop((upstream, repo, digest), None)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from redis.typing import EncodableT, FieldT
 
 from proxy import metrics
@@ -211,6 +211,26 @@ class RedisTagStore(TagService):
             self._layer.key("tag", upstream, repo, tag), fields, ttl=self._retention
         )
 
+    async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        """Delete the mapping only while it still names ``digest`` (WATCH, then MULTI): a
+        replica that repointed the tag meanwhile keeps its mapping."""
+        key = self._layer.key("tag", upstream, repo, tag)
+
+        async def delete() -> None:
+            async with self._layer.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    current = await pipe.hget(key, "digest")
+                    if current is None or _text(current) != str(digest):
+                        return
+                    pipe.multi()
+                    pipe.delete(key)
+                    await pipe.execute()
+                except WatchError:
+                    return  # changed meanwhile: repointed, so it stays
+
+        await self._layer.run("clear", delete)
+
 
 class RedisLinkStore(LinkService):
     def __init__(self, layer: RedisLayer, *, ttl: int = LINK_TTL) -> None:
@@ -236,3 +256,9 @@ class RedisLinkStore(LinkService):
                 await pipe.execute()
 
         await self._layer.run("set", write)
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        if not digests:
+            return
+        keys = [self._key(upstream, repo, digest) for digest in digests]
+        await self._layer.run("clear", lambda: self._layer.client.delete(*keys))

@@ -55,6 +55,11 @@ class TieredTagStore(TagService):
         await self._l1.set(upstream, repo, tag, entry)
         await self._l2.set(upstream, repo, tag, entry)
 
+    async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        # L2 first: an L1 emptied first could be refilled from L2 in between.
+        await self._l2.delete(upstream, repo, tag, digest)
+        await self._l1.delete(upstream, repo, tag, digest)
+
 
 class TieredLinkStore(LinkService):
     def __init__(self, l1: LinkService, l2: LinkService) -> None:
@@ -72,3 +77,7 @@ class TieredLinkStore(LinkService):
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         await self._l1.link(upstream, repo, digests)
         await self._l2.link(upstream, repo, digests)
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        await self._l2.unlink(upstream, repo, digests)
+        await self._l1.unlink(upstream, repo, digests)

@@ -143,3 +143,13 @@ class SqliteState(TagService, LinkService):
         now = self._clock()
         rows: list[tuple[object, ...]] = [(upstream, repo, str(d), now) for d in digests]
         await self._write("INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)", rows)
+
+    async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        await self._write(
+            "DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ? AND digest = ?",
+            [(upstream, repo, tag, str(digest))],
+        )
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        rows: list[tuple[object, ...]] = [(upstream, repo, str(d)) for d in digests]
+        await self._write("DELETE FROM links WHERE upstream = ? AND repo = ? AND digest = ?", rows)

@@ -72,3 +72,15 @@ async def test_a_manifest_and_its_references_link_in_one_call(links: LinkService
     await links.link("hub", "team/app", digests)
     assert [await links.linked("hub", "team/app", d) for d in digests] == [True] * 40
     assert await links.linked("hub", "team/app", digest_of("layer 40")) is False
+
+
+async def test_unlink_forgets_only_what_it_names(links: LinkService) -> None:
+    other = digest_of("other")
+    await links.link("hub", "library/nginx", [DIGEST, other])
+    await links.link("hub", "library/redis", [DIGEST])
+    await links.unlink("hub", "library/nginx", [DIGEST])
+    await links.unlink("hub", "library/nginx", [DIGEST])  # idempotent
+    await links.unlink("hub", "library/nginx", [])
+    assert await links.linked("hub", "library/nginx", DIGEST) is False
+    assert await links.linked("hub", "library/nginx", other) is True
+    assert await links.linked("hub", "library/redis", DIGEST) is True

@@ -93,3 +93,22 @@ async def test_tag_entry_round_trips_exactly(tags: TagService) -> None:
     assert got == entry
     assert got is not None and got.fetched_at == entry.fetched_at
     assert await tags.get("hub", "team/app", "v1.2") is None
+
+
+async def test_tag_delete_forgets_a_mapping_to_the_digest(tags: TagService) -> None:
+    await tags.set("hub", "library/nginx", "latest", ENTRY)
+    await tags.set("hub", "library/nginx", "stable", ENTRY)
+    await tags.delete("hub", "library/nginx", "latest", DIGEST)
+    await tags.delete("hub", "library/nginx", "latest", DIGEST)  # idempotent
+    await tags.delete("hub", "library/nginx", "never-set", DIGEST)
+    assert await tags.get("hub", "library/nginx", "latest") is None
+    assert await tags.get("hub", "library/nginx", "stable") == ENTRY
+
+
+async def test_tag_delete_keeps_a_mapping_repointed_meanwhile(tags: TagService) -> None:
+    # Eviction forgets the tag of what it removed; a replica that repointed the tag to
+    # other content keeps its mapping.
+    newer = TagEntry(digest_of("newer"), ENTRY.media_type, 600, 2000.5)
+    await tags.set("hub", "library/nginx", "latest", newer)
+    await tags.delete("hub", "library/nginx", "latest", DIGEST)
+    assert await tags.get("hub", "library/nginx", "latest") == newer
