@@ -82,6 +82,42 @@ DISK_LIMIT_BYTES = Gauge(
     PREFIX + "disk_limit_bytes",
     "cache.max_size (0 when unbounded)",
 )
+EVICTED_IMAGES = Counter(
+    PREFIX + "evicted_images_total",
+    "Images (a root manifest and what only it references) and loose blobs removed from the "
+    "disk cache, by reason (size, manual, gc, corrupt) and kind (image, loose)",
+    ["reason", "kind"],
+)
+EVICTED_BYTES = Counter(
+    PREFIX + "evicted_bytes_total",
+    "Bytes removed from the disk cache, by reason (size, manual, gc, corrupt)",
+    ["reason"],
+)
+CACHE_STATE_BYTES = Gauge(
+    PREFIX + "cache_state_bytes",
+    "Committed bytes by state at the last eviction or GC pass: pinned (never evicted), "
+    "evictable (images and loose blobs past min_age), recent (used within min_age)",
+    ["state"],
+)
+PINS_OVER_LIMIT = Gauge(
+    PREFIX + "pins_over_limit",
+    "1 while pinned images alone exceed cache.max_size (they are kept; nothing else fits)",
+)
+GC_REMOVED = Counter(
+    PREFIX + "gc_removed_total",
+    "What garbage collection removed, by kind (temp, blob, image)",
+    ["kind"],
+)
+VERIFY_FAILURES = Counter(
+    PREFIX + "verify_failures_total",
+    "Committed blobs whose bytes no longer match their digest (found by cache verify and "
+    "quarantined)",
+)
+PREWARM_IMAGES = Counter(
+    PREFIX + "prewarm_images_total",
+    "Images pre-warmed through the admin API, by result (ok, failed)",
+    ["result"],
+)
 COALESCED = Counter(
     PREFIX + "coalesced_requests_total",
     "Requests that joined a fetch already in progress instead of starting one, by kind",

@@ -571,11 +571,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ] = None
     high_watermark: Annotated[
         Fraction,
-        Key(path="cache.high_watermark", help="share of max_size that starts eviction (90%%)"),
+        Key(
+            path="cache.high_watermark",
+            help="share of max_size that starts eviction (0.9)",
+            metavar="SHARE",
+        ),
     ] = DEFAULT_HIGH_WATERMARK
     low_watermark: Annotated[
         Fraction,
-        Key(path="cache.low_watermark", help="share of max_size eviction stops at (80%%)"),
+        Key(
+            path="cache.low_watermark",
+            help="share of max_size eviction stops at (0.8)",
+            metavar="SHARE",
+        ),
     ] = DEFAULT_LOW_WATERMARK
     min_age: Annotated[
         Duration,

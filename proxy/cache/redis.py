@@ -223,7 +223,7 @@ class RedisTagStore(TagService):
                     current = await pipe.hget(key, "digest")
                     if current is None or _text(current) != str(digest):
                         return
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.delete(key)
                     await pipe.execute()
                 except WatchError:

@@ -56,8 +56,10 @@ class ProxyManifestService:
         links: LinkService,
         *,
         clock: Callable[[], float] = time.time,
+        on_pull: Callable[[str, str, Digest], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_pull = on_pull
         self._upstream = upstream
         self._store = store
         self._tags = tags
@@ -76,13 +78,19 @@ class ProxyManifestService:
         gate: ColdFetchGate | None = None,
     ) -> ManifestResult:
         """The manifest for ``reference``; raises ManifestUnknown and upstream errors.
+        Each answer is reported to ``on_pull`` (eviction's least recently pulled).
 
         ``gate`` is asked before a manifest is fetched from upstream (not before a HEAD
         that revalidates a tag): per-identity quotas."""
         if reference.digest is not None:
-            return await self._get_by_digest(repo, reference.digest, accept, gate)
-        assert reference.tag is not None
-        return await self._get_by_tag(repo, reference.tag, accept, gate)
+            result = await self._get_by_digest(repo, reference.digest, accept, gate)
+        else:
+            assert reference.tag is not None
+            result = await self._get_by_tag(repo, reference.tag, accept, gate)
+        if self._on_pull is not None:
+            # (upstream, repo, digest): the image's last pull, kept in memory (index).
+            self._on_pull(self._settings.name, repo, result.manifest.digest)
+        return result
 
     async def _admit(self, gate: ColdFetchGate | None) -> None:
         """A cold fetch: refused while the upstream's pull budget is under its floor (or

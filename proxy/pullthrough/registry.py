@@ -15,7 +15,12 @@ with each layer wrapped in ``instrumented(<layer>)``. A blob request gets one ch
                                           before one is started); HEAD upstream
 
 Tags and links: an in-memory L1 before an L2 that is Redis when configured, else a
-SQLite file in the cache directory.
+SQLite file in the cache directory. The disk's own index (``proxy.storage.index``: which
+digests are manifests, what they reference, which tags name them, when each was used) is
+always local: tags are recorded in it on the way to the tag stores, manifests by the
+manifest store, uses in memory (flushed every ``FLUSH_INTERVAL``). Eviction
+(``proxy.storage.eviction``) reads it and makes every layer forget what it removes
+(``RegistryLayers``).
 
 Blob bytes and manifests are shared by every upstream (content-addressed); tag mappings
 and links are keyed by upstream name, so one repository name on two upstreams never
@@ -25,6 +30,7 @@ collides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +58,7 @@ from proxy.interfaces import (
     RepositoryBlobs,
     TagService,
 )
+from proxy.model import Digest
 from proxy.pullthrough.blobs import FetchedBlobs, LocalBlobs, RepositoryScope, ScopedBlobs
 from proxy.pullthrough.inflight import InflightBlobFetches
 from proxy.pullthrough.manifests import ProxyManifestService
@@ -59,7 +66,9 @@ from proxy.pullthrough.relays import RelayCache
 from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.eviction import Evictor
+from proxy.storage.index import FLUSH_INTERVAL, CacheIndex, IndexedTagStore, TagName
 from proxy.storage.manifests import ManifestStore
+from proxy.storage.pins import Pins
 from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
 
@@ -107,6 +116,23 @@ def build_repository_blobs(
     return service
 
 
+class RegistryLayers:
+    """The layers eviction must make forget what it removes (``CacheLayers``)."""
+
+    def __init__(self, registry: PullThroughRegistry) -> None:
+        self._registry = registry
+
+    async def forget_tag(self, tag: TagName, digest: Digest) -> None:
+        await self._registry.tags.delete(*tag, digest)
+
+    async def forget_content(self, digest: Digest) -> None:
+        self._registry.manifest_store.forget(digest)
+        await self._registry.descriptors.clear(digest)
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        await self._registry.links.unlink(upstream, repo, digests)
+
+
 @dataclass
 class UpstreamServices:
     settings: UpstreamSettings
@@ -127,7 +153,9 @@ class PullThroughRegistry:
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
         self.committed = local_statter(self.store)
-        self.manifest_store = ManifestStore(self.store)
+        self.index = CacheIndex(settings.cache_dir)
+        self.store.on_use = lambda digest: self.index.times.touch((digest,))
+        self.manifest_store = ManifestStore(self.store, index=self.index)
         ttls = {up.name: up.tag_ttl for up in settings.upstreams}
         # L2 for tags and links: Redis when configured (shared by replicas), else the
         # SQLite file beside the blobs (survives restarts on the embedded defaults).
@@ -138,39 +166,71 @@ class PullThroughRegistry:
             tags_l2, links_l2 = RedisTagStore(self.redis), RedisLinkStore(self.redis)
         else:
             self.state = tags_l2 = links_l2 = SqliteState(settings.cache_dir)
-        self.tags: TagService = TieredTagStore(
+        tiered = TieredTagStore(
             MemoryTagStore(entries),
             tags_l2,
             lambda name: ttls.get(name, 0.0),
             l2_layer="disk" if self.redis is None else "redis",
         )
+        self.tags: TagService = IndexedTagStore(tiered, self.index)
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
+        self.pins = Pins(settings.pin)
         self.evictor: Evictor | None = None
         if settings.max_size is not None:
-            self.evictor = Evictor(self.store, settings.max_size, self.descriptors.clear)
+            self.evictor = Evictor(
+                self.store,
+                settings.max_size,
+                self.index,
+                RegistryLayers(self),
+                high_watermark=settings.high_watermark,
+                low_watermark=settings.low_watermark,
+                min_age=settings.min_age,
+                pinned=self.pins.image_pinned,
+                busy=lambda digest: self.inflight.get(digest) is not None,
+            )
             self.store.on_commit = self.evictor.maybe_start
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Create directories, remove leftover temp files, open one session per upstream."""
         await asyncio.to_thread(self.store.open_store)
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
+        await asyncio.to_thread(self.index.open_sync)
+        self._flusher = asyncio.create_task(self._flush_times(), name="index-flush")
         if self.evictor is not None:
             self.evictor.maybe_start()
         _precreate_series([up.name for up in self.settings.upstreams])
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
             manifests = ProxyManifestService(
-                up, client, self.manifest_store, self.tags, self.links, clock=time.time
+                up,
+                client,
+                self.manifest_store,
+                self.tags,
+                self.links,
+                clock=time.time,
+                on_pull=self.index.times.pulled,
             )
             self.upstreams[up.name] = UpstreamServices(
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
             )
 
+    async def _flush_times(self) -> None:
+        """Write the access times gathered in memory, every ``FLUSH_INTERVAL``."""
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await self.index.flush()
+
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         if self.evictor is not None:
             await self.evictor.close()
         await self.inflight.close()
@@ -184,6 +244,8 @@ class PullThroughRegistry:
             await self.redis.close()
         if self.state is not None:
             await asyncio.to_thread(self.state.close)
+        await self.index.flush()
+        await asyncio.to_thread(self.index.close_sync)
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable. Upstream and
@@ -194,6 +256,18 @@ class PullThroughRegistry:
             "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
+        if self.evictor is not None:
+            eviction: dict[str, object] = {
+                "max_size": self.evictor.max_bytes,
+                "used": self.store.used_bytes,
+                "pins_over_limit": self.evictor.pins_over_limit,
+            }
+            if self.evictor.pins_over_limit and self.evictor.last_plan is not None:
+                eviction["detail"] = (
+                    f"pinned images take {self.evictor.last_plan.pinned_bytes} bytes,"
+                    f" more than cache.max_size ({self.evictor.max_bytes}): they are kept"
+                )
+            report["eviction"] = eviction
         if self.redis is not None:
             report["redis"] = {"reachable": await self.redis.ping()}
         return writable, report

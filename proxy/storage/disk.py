@@ -9,7 +9,11 @@ A blob is written to ``tmp/``, hashed while it streams, verified against the dig
 size it was asked for, fsynced and renamed into ``blobs/``: a file under its final name
 is always complete, and a crash leaves at worst a ``.part`` file that the next start
 removes. Blocking file calls run in the default executor, except ``stat`` of a committed
-blob (and its occasional ``utime``), metadata calls that cost less than the thread hop.
+blob, a metadata call that costs less than the thread hop.
+
+A blob's last use is not written to the file (no ``utime`` per request): ``stat`` reports
+it to ``on_use`` (the index's in-memory access times, flushed in batches); a file's
+mtime is its commit time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import os
 import secrets
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +38,6 @@ log = logging.getLogger(__name__)
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
 PART_SUFFIX = ".part"
-TOUCH_INTERVAL = 60.0
-"""Seconds between two refreshes of a blob's mtime (its "last used" for eviction)."""
 
 
 class DiskBlobStore(BlobStore):
@@ -47,6 +48,8 @@ class DiskBlobStore(BlobStore):
         self.used_bytes = 0
         self.on_commit: Callable[[], None] | None = None
         """Called on the event loop after each commit (eviction hooks in here)."""
+        self.on_use: Callable[[Digest], None] | None = None
+        """Called by ``stat`` of a committed blob: its use, for eviction's recency."""
 
     def open_store(self) -> None:
         """Create the directories, remove temp files a previous run left behind, and count
@@ -102,17 +105,14 @@ class DiskBlobStore(BlobStore):
     async def stat(self, digest: Digest) -> Descriptor:
         """The committed blob's descriptor; raises BlobUnknown when it is absent.
 
-        Also the eviction's record of use: the file's mtime is refreshed when it is older
-        than ``TOUCH_INTERVAL``, so the access time costs at most one write a minute.
+        Also the eviction's record of use, reported to ``on_use`` (in memory).
         """
-        path = self.path(digest)
         try:
-            st = os.stat(path)
+            st = os.stat(self.path(digest))
         except FileNotFoundError:
             raise BlobUnknown(f"blob {digest} is not cached") from None
-        if time.time() - st.st_mtime >= TOUCH_INTERVAL:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(path)
+        if self.on_use is not None:
+            self.on_use(digest)
         return Descriptor(digest, st.st_size)
 
     async def read(self, digest: Digest, limit: int) -> bytes:

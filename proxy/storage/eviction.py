@@ -1,13 +1,31 @@
-"""Size-bounded eviction of the disk cache.
+"""Size-bounded eviction of the disk cache, by image, between two watermarks.
 
-When committed content exceeds ``max_bytes``, one background pass deletes the least
-recently used files until it is under ``LOW_WATERMARK`` of the limit. "Used" is the
-file's mtime, which the store's ``stat`` refreshes (at most once per ``TOUCH_INTERVAL``); a file
-touched within ``MIN_AGE`` is never evicted, so nothing that is being served or has just
-been fetched is deleted under a client. A blob being fetched is not under its final
-name yet, so it cannot be evicted either. Deleting an open file is safe on POSIX: a
-client already reading it keeps reading. Evicted digests are cleared from the descriptor
-caches through ``on_evict``; the next request fetches them again.
+When committed content passes ``high_watermark`` of ``max_bytes``, one background pass
+removes content until it is under ``low_watermark``:
+
+1. loose blobs (in no indexed image: fetched by digest alone, or older than the index),
+   least recently used first;
+2. then whole images, least recently *pulled* first: the root manifest and every digest
+   it references that no other retained image references (``proxy.storage.index``).
+
+Never removed: anything used within ``min_age`` (a manifest pulled, a blob served, a
+file committed: the in-memory access times and the file's mtime), anything ``busy``
+(a fetch in progress for it), and pinned images (``cache.pin``). Pins count against the
+limit: when pinned images alone exceed it, the pass says so (log, ``pins_over_limit``,
+``/readyz``) and keeps them.
+
+Consistency: for one image the pass first forgets its tags in every layer (so no new
+pull resolves the tag to it), then removes its manifests (root first) and its blobs,
+clearing each from the descriptor caches and the manifest store's memory, then unlinks
+the repositories it was pulled through. A tag is therefore either served from cache
+with its whole image on disk, or not served from cache at all: it goes upstream, and
+with the upstream down it is answered with the upstream's error, never half an image.
+Recency is checked again just before each removal, since the plan is made from a
+snapshot. Deleting an open file is safe on POSIX: a client already reading it keeps
+reading.
+
+``maybe_start()`` is the entry point for anything that learns the disk is short of
+room (each commit, start-up, a write failing with ENOSPC).
 """
 
 from __future__ import annotations
@@ -15,17 +33,120 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy import metrics
 from proxy.model import Digest
 from proxy.storage.disk import DiskBlobStore
+from proxy.storage.index import CacheIndex, Image, Snapshot, TagName, build_images
 
 log = logging.getLogger(__name__)
 
-LOW_WATERMARK = 0.9
+HIGH_WATERMARK = 0.9
+LOW_WATERMARK = 0.8
 MIN_AGE = 300.0
+
+
+class CacheLayers(Protocol):
+    """What must forget evicted content besides the disk: the tag stores, the descriptor
+    caches (memory, Redis), the manifest store's memory and the repository links."""
+
+    async def forget_tag(self, tag: TagName, digest: Digest) -> None:
+        """Forget ``tag`` in every layer if it still names ``digest``."""
+        ...
+
+    async def forget_content(self, digest: Digest) -> None:
+        """Forget that ``digest`` is present (descriptor caches, manifest memory)."""
+        ...
+
+    async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        """Forget that ``<upstream>/<repo>`` holds ``digests``."""
+        ...
+
+
+@dataclass
+class Victim:
+    """One unit of eviction: an image, or one loose blob (``image`` None)."""
+
+    digests: list[Digest]
+    """What to delete: manifests first, the root first."""
+    size: int
+    image: Image | None = None
+
+    @property
+    def kind(self) -> str:
+        return "loose" if self.image is None else "image"
+
+
+@dataclass
+class Plan:
+    victims: list[Victim] = field(default_factory=list)
+    pinned_bytes: int = 0
+    evictable_bytes: int = 0
+    recent_bytes: int = 0
+
+
+def make_plan(
+    snapshot: Snapshot,
+    committed: dict[Digest, tuple[float, int]],
+    *,
+    cutoff: float,
+    pinned: Callable[[Image], bool],
+    busy: Callable[[Digest], bool] = lambda _d: False,
+) -> Plan:
+    """Everything evictable in eviction order (loose blobs, then images by last pull),
+    with the bytes each frees; ``committed`` is digest -> (mtime, size) of the disk."""
+    plan = Plan()
+    images = build_images(snapshot)
+
+    def last_use(digest: Digest) -> float:
+        mtime = committed[digest][0] if digest in committed else 0.0
+        return max(mtime, snapshot.used.get(digest, 0.0))
+
+    def recent(digests: Iterable[Digest]) -> bool:
+        return any(last_use(d) > cutoff or busy(d) for d in digests)
+
+    holders: dict[Digest, int] = {}
+    for image in images:
+        for digest in image.members:
+            holders[digest] = holders.get(digest, 0) + 1
+    pinned_digests: set[Digest] = set()
+    recent_digests: set[Digest] = set()
+    candidates: list[Image] = []
+    for image in images:
+        if pinned(image):
+            pinned_digests |= image.members
+        elif recent(image.members) or image.last_used > cutoff:
+            recent_digests |= image.members
+        else:
+            candidates.append(image)
+    # Blobs shared with a kept image are never freed by evicting another image.
+    protected = pinned_digests | recent_digests
+    plan.pinned_bytes = sum(committed[d][1] for d in pinned_digests if d in committed)
+    plan.recent_bytes = sum(
+        committed[d][1] for d in recent_digests - pinned_digests if d in committed
+    )
+    loose = [d for d in committed if d not in holders]
+    loose.sort(key=last_use)
+    for digest in loose:
+        if recent([digest]):
+            plan.recent_bytes += committed[digest][1]
+            continue
+        plan.victims.append(Victim([digest], committed[digest][1]))
+    candidates.sort(key=lambda image: image.last_used)
+    remaining = dict(holders)
+    for image in candidates:
+        for digest in image.members:
+            remaining[digest] -= 1
+        freed = [d for d in image.members if remaining[d] == 0 and d not in protected]
+        order = sorted(freed, key=lambda d: (d != image.root, d not in image.manifests, str(d)))
+        size = sum(committed[d][1] for d in order if d in committed)
+        plan.victims.append(Victim(order, size, image))
+    plan.evictable_bytes = sum(v.size for v in plan.victims)
+    return plan
 
 
 class Evictor:
@@ -33,21 +154,38 @@ class Evictor:
         self,
         store: DiskBlobStore,
         max_bytes: int,
-        on_evict: Callable[[Digest], Awaitable[None]],
+        index: CacheIndex,
+        layers: CacheLayers,
         *,
+        high_watermark: float = HIGH_WATERMARK,
+        low_watermark: float = LOW_WATERMARK,
         min_age: float = MIN_AGE,
+        pinned: Callable[[Image], bool] = lambda _image: False,
+        busy: Callable[[Digest], bool] = lambda _digest: False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._max = max_bytes
-        self._on_evict = on_evict
+        self._index = index
+        self._layers = layers
+        self._high = int(max_bytes * high_watermark)
+        self._low = int(max_bytes * low_watermark)
         self._min_age = min_age
+        self._pinned = pinned
+        self._busy = busy
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.pins_over_limit = False
+        self.last_plan: Plan | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max
 
     def maybe_start(self) -> None:
-        """Start a pass if over the limit and none is running. Never blocks."""
-        if self._store.used_bytes <= self._max or self._task is not None:
+        """Start a pass if past the high watermark and none is running. Never blocks."""
+        if self._store.used_bytes <= self._high or self._task is not None:
             return
         self._task = asyncio.create_task(self._pass(), name="eviction")
         self._task.add_done_callback(self._done)
@@ -69,25 +207,92 @@ class Evictor:
             with suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _pass(self) -> None:
-        target = int(self._max * LOW_WATERMARK)
-        candidates = await asyncio.to_thread(self._store.list_committed)
-        cutoff = self._clock() - self._min_age
-        candidates.sort(key=lambda c: c[1])  # oldest mtime first
-        evicted = 0
-        for digest, mtime, _size in candidates:
-            if self._store.used_bytes <= target:
-                break
-            if mtime > cutoff:
-                break  # everything after this one is younger still
-            await self._store.delete(digest)
-            await self._on_evict(digest)
-            evicted += 1
-        metrics.EVICTIONS.inc(evicted)
-        if evicted:
-            log.info(
-                "evicted %d blobs; %d bytes in use of %d",
-                evicted,
-                self._store.used_bytes,
+    async def plan(self) -> Plan:
+        """The current plan: flush the access times, read the index and the disk."""
+        await self._index.flush()
+        snapshot = await self._index.snapshot()
+        listed = await asyncio.to_thread(self._store.list_committed)
+        committed = {digest: (mtime, size) for digest, mtime, size in listed}
+        plan = make_plan(
+            snapshot,
+            committed,
+            cutoff=self._clock() - self._min_age,
+            pinned=self._pinned,
+            busy=self._busy,
+        )
+        metrics.CACHE_STATE_BYTES.labels("pinned").set(plan.pinned_bytes)
+        metrics.CACHE_STATE_BYTES.labels("evictable").set(plan.evictable_bytes)
+        metrics.CACHE_STATE_BYTES.labels("recent").set(plan.recent_bytes)
+        over = plan.pinned_bytes > self._max
+        if over and not self.pins_over_limit:
+            log.error(
+                "pinned images alone take %d bytes, more than cache.max_size (%d): they are"
+                " kept, and little else fits; unpin some or raise cache.max_size",
+                plan.pinned_bytes,
                 self._max,
             )
+        self.pins_over_limit = over
+        metrics.PINS_OVER_LIMIT.set(1 if over else 0)
+        self.last_plan = plan
+        return plan
+
+    async def _pass(self) -> None:
+        async with self._lock:
+            plan = await self.plan()
+            removed = freed = 0
+            for victim in plan.victims:
+                if self._store.used_bytes <= self._low:
+                    break
+                size = await self.remove(victim, "size")
+                if size is not None:
+                    removed += 1
+                    freed += size
+            if removed:
+                log.info(
+                    "evicted %d images and loose blobs (%d bytes); %d bytes in use of %d",
+                    removed,
+                    freed,
+                    self._store.used_bytes,
+                    self._max,
+                )
+            elif self._store.used_bytes > self._high:
+                log.warning(
+                    "cache over its high watermark (%d of %d bytes) with nothing evictable:"
+                    " everything is pinned or used within cache.min_age",
+                    self._store.used_bytes,
+                    self._max,
+                )
+
+    def _still_idle(self, digests: Iterable[Digest]) -> bool:
+        cutoff = self._clock() - self._min_age
+        for digest in digests:
+            used = self._index.times.last_used(digest)
+            if (used is not None and used > cutoff) or self._busy(digest):
+                return False
+        return True
+
+    async def remove(self, victim: Victim, reason: str, *, check: bool = True) -> int | None:
+        """Remove one victim from every layer; the bytes freed, or None when it was used
+        meanwhile (``check``: the recency check; manual eviction passes False)."""
+        image = victim.image
+        watched = victim.digests if image is None else [*image.manifests, *victim.digests]
+        if check and not self._still_idle(watched):
+            return None
+        if image is not None:
+            removed = set(victim.digests)
+            for tag, manifest in image.tagged:
+                if manifest in removed:
+                    await self._layers.forget_tag(tag, manifest)
+        before = self._store.used_bytes
+        await self._index.forget(victim.digests)
+        for digest in victim.digests:
+            await self._layers.forget_content(digest)
+            await self._store.delete(digest)
+        if image is not None:
+            for upstream, repo in image.repos:
+                await self._layers.unlink(upstream, repo, victim.digests)
+        freed = max(0, before - self._store.used_bytes)
+        metrics.EVICTIONS.inc(len(victim.digests))
+        metrics.EVICTED_IMAGES.labels(reason, victim.kind).inc()
+        metrics.EVICTED_BYTES.labels(reason).inc(freed)
+        return freed

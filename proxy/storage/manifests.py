@@ -4,6 +4,10 @@ A manifest is stored byte for byte under its digest (never converted: the digest
 identity). Its media type is not stored beside it: it is read back from the manifest's
 own ``mediaType`` field or implied by its shape, so nothing can get out of step. The L1
 holds whole manifests, bounded by total bytes, so a warm GET by digest costs no I/O.
+
+With an index (``proxy.storage.index``), ``put`` records what the manifest references,
+and marks it and its references used *before* the commit, so an eviction pass started by
+that commit never takes the blobs of an image that is being pulled.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from cachetools import LRUCache
 
 from proxy import metrics
 from proxy.errors import BlobUnknown
-from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, sniff_media_type
+from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, references, sniff_media_type
 from proxy.storage.disk import DiskBlobStore
+from proxy.storage.index import CacheIndex
 
 MAX_MANIFEST_SIZE = 4 << 20
 DEFAULT_MEMORY_BYTES = 64 << 20
@@ -33,8 +38,15 @@ def _size(manifest: StoredManifest) -> int:
 
 
 class ManifestStore:
-    def __init__(self, store: DiskBlobStore, max_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+    def __init__(
+        self,
+        store: DiskBlobStore,
+        max_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        *,
+        index: CacheIndex | None = None,
+    ) -> None:
         self._store = store
+        self._index = index
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(max_memory_bytes, getsizeof=_size)
 
     async def get(self, digest: Digest) -> StoredManifest | None:
@@ -57,7 +69,16 @@ class ManifestStore:
 
     async def put(self, digest: Digest, media_type: str, body: bytes) -> StoredManifest:
         """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs."""
+        children = references(body) if self._index is not None else []
+        if self._index is not None:
+            self._index.times.touch([digest, *children])
         await self._store.put(digest, body)
+        if self._index is not None:
+            await self._index.record_manifest(digest, media_type, len(body), children)
         manifest = StoredManifest(digest, media_type, body)
         self._memory[digest] = manifest
         return manifest
+
+    def forget(self, digest: Digest) -> None:
+        """Drop ``digest`` from memory (its file is being removed)."""
+        self._memory.pop(digest, None)

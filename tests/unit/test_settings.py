@@ -583,6 +583,12 @@ TOP_LEVEL = {
     "redis_url": ("cache.redis", "redis", "redis://h:6379/1", "redis://h:6379/1"),
     "memory_entries": ("cache.memory_entries", "memory_entries", "123", 123),
     "max_size": ("cache.max_size", "max_size", "2KiB", 2048),
+    "high_watermark": ("cache.high_watermark", "high_watermark", "0.95", 0.95),
+    "low_watermark": ("cache.low_watermark", "low_watermark", "50%", 0.5),
+    "min_age": ("cache.min_age", "min_age", "10m", 600.0),
+    "pin_refresh": ("cache.pin_refresh", "pin_refresh", "1h", 3600.0),
+    "gc_grace": ("cache.gc_grace", "gc_grace", "2h", 7200.0),
+    "max_age": ("cache.max_age", "max_age", "30d", 30 * 86400.0),
 }
 # Options that set a field of the upstreams: name -> (field, text, value, which upstreams)
 UPSTREAM_OPTIONS = {
@@ -626,20 +632,49 @@ def test_the_spec_covers_every_declared_key() -> None:
     declared = {f.name for f in msgspec.structs.fields(Settings)} - {"upstreams"}
     # The access-control sections have no options; tests/unit/access/test_config.py
     # covers them key by key.
-    assert declared == set(TOP_LEVEL) | {"auth", "access", "limits"}
+    assert declared == set(TOP_LEVEL) | {"auth", "access", "limits", "pin"}
     assert {f.name for f in msgspec.structs.fields(UpstreamSettings)} == set(UPSTREAM_KEYS)
     options = {option for _, option, _, _ in TOP_LEVEL.values()} | set(UPSTREAM_OPTIONS)
     assert {option.name for option in OPTIONS} == options
+
+
+CACHE_MANAGEMENT_OPTIONS = {
+    "HIGH_WATERMARK",
+    "LOW_WATERMARK",
+    "MIN_AGE",
+    "PIN_REFRESH",
+    "GC_GRACE",
+    "MAX_AGE",
+}
 
 
 def test_every_variable_of_before_still_exists_and_memory_entries_is_new() -> None:
     names = {option.env for option in OPTIONS}
     before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
     before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
-    assert names == {ENV_PREFIX + name for name in before | {"MEMORY_ENTRIES"}}
+    added = {"MEMORY_ENTRIES"} | CACHE_MANAGEMENT_OPTIONS
+    assert names == {ENV_PREFIX + name for name in before | added}
     assert {option.flag for option in OPTIONS} == {
-        "--" + name.lower().replace("_", "-") for name in before | {"MEMORY_ENTRIES"}
+        "--" + name.lower().replace("_", "-") for name in before | added
     }
+
+
+def test_cache_management_defaults_and_rules() -> None:
+    settings = Settings.from_mapping({}, environ={})
+    assert (settings.high_watermark, settings.low_watermark) == (0.9, 0.8)
+    assert settings.min_age == 300.0 and settings.pin == () and settings.pin_refresh is None
+    pinned = Settings.from_mapping({"cache": {"pin": ["up/library/*:latest"]}}, environ={})
+    assert pinned.pin == ("up/library/*:latest",)
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_mapping({"cache": {"low_watermark": "95%"}}, environ={})
+    assert refused.value.key == "cache.low_watermark"
+    for bad in ("0%", "101%", 1.5, "lots", True):
+        with pytest.raises(ConfigError) as wrong:
+            Settings.from_mapping({"cache": {"high_watermark": bad}}, environ={})
+        assert wrong.value.key == "cache.high_watermark"
+    with pytest.raises(ConfigError) as not_list:
+        Settings.from_mapping({"cache": {"pin": "up/x:latest"}}, environ={})
+    assert not_list.value.key == "cache.pin"
 
 
 @pytest.mark.parametrize("field", sorted(TOP_LEVEL))
