@@ -175,6 +175,7 @@ class Evictor:
         self._busy = busy
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._again = False
         self._lock = asyncio.Lock()
         self.pins_over_limit = False
         self.last_plan: Plan | None = None
@@ -184,22 +185,35 @@ class Evictor:
         return self._max
 
     def maybe_start(self) -> None:
-        """Start a pass if past the high watermark and none is running. Never blocks."""
-        if self._store.used_bytes <= self._high or self._task is not None:
+        """Start a pass if past the high watermark and none is running. Never blocks.
+
+        Called during a pass, it asks for one more after it: the running pass planned
+        from a snapshot taken before what was committed since."""
+        if self._store.used_bytes <= self._high:
             return
+        if self._task is not None:
+            self._again = True
+            return
+        self._again = False
         self._task = asyncio.create_task(self._pass(), name="eviction")
         self._task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._task = None
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("eviction pass failed", exc_info=task.exception())
+        elif self._again:
+            self.maybe_start()
 
     async def wait(self) -> None:
-        """Wait for the running pass, if any (tests, shutdown)."""
-        if self._task is not None:
+        """Wait until no pass runs or is due (tests, shutdown)."""
+        while self._task is not None:
             with suppress(asyncio.CancelledError):
                 await asyncio.shield(self._task)
+            # The pass's done callback ran before this resumed (registered first): a
+            # pass that was due is ``_task`` by now.
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,0 +1,172 @@
+"""Cache management with real parts: docker-registry upstream, skopeo clients, the proxy.
+
+Fill past ``cache.max_size`` while skopeo clients pull; pins survive; after the upstream
+stops, every cached tag either pulls in full or is answered as not cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import metrics
+from proxy.api.handlers import REGISTRY_KEY
+from proxy.pullthrough.registry import PullThroughRegistry
+from tests.rig import oci
+from tests.rig.proxy_app import ProxyUnderTest, proxy_settings_mapping, serve_proxy
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo, SkopeoError
+
+pytestmark = pytest.mark.integration
+
+LAYER_SIZE = 24 << 10  # small blobs: the whole module stays within CI's minutes
+CLIENTS = 8
+ACCEPT = ", ".join([oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST, oci.DOCKER_MANIFEST_LIST])
+
+
+@asynccontextmanager
+async def cache_proxy(
+    upstream_url: str, cache_dir: Path, **cache: Any
+) -> AsyncIterator[ProxyUnderTest]:
+    mapping = proxy_settings_mapping(upstream_url, cache_dir)
+    mapping["cache"].update(cache)
+    proxy = await serve_proxy(mapping)
+    try:
+        yield proxy
+    finally:
+        await proxy.server.stop()
+
+
+def registry_of(proxy: ProxyUnderTest) -> PullThroughRegistry:
+    return proxy.app[REGISTRY_KEY]
+
+
+async def push_images(
+    skopeo: Skopeo, registry: Registry, workdir: Path, repos: list[str]
+) -> dict[str, oci.OciImage]:
+    """One small two-layer image per repository, tagged ``latest``, pushed four at a time."""
+    images = {
+        repo: oci.make_image(workdir / repo.replace("/", "_"), layers=2, layer_size=LAYER_SIZE)
+        for repo in repos
+    }
+    gate = asyncio.Semaphore(4)
+
+    async def push(repo: str) -> None:
+        async with gate:
+            await skopeo.push(images[repo].oci_ref, registry.host, repo, "latest")
+
+    await asyncio.gather(*(push(repo) for repo in repos))
+    return images
+
+
+async def pull_all(skopeo: Skopeo, host: str, refs: list[str], dest: Path) -> list[str]:
+    """``CLIENTS`` skopeo clients share ``refs``; returns the references that failed."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for ref in refs:
+        queue.put_nowait(ref)
+    failed: list[str] = []
+
+    async def client(n: int) -> None:
+        while not queue.empty():
+            ref = queue.get_nowait()
+            try:
+                await skopeo.pull(host, ref, dest / f"c{n}-{ref.replace('/', '_')}")
+            except SkopeoError as exc:
+                failed.append(f"{ref}: {exc.last_line}")
+
+    await asyncio.gather(*(client(n) for n in range(CLIENTS)))
+    return failed
+
+
+async def offline_answer(http: aiohttp.ClientSession, proxy: ProxyUnderTest, repo: str) -> str:
+    """With the upstream stopped: ``full`` when the tag's manifest is served and so is every
+    blob it names (bytes checked), ``not cached`` when the manifest is refused. A manifest
+    served with a blob missing is ``half``: what must never happen."""
+    async with http.get(
+        f"{proxy.url}/v2/{repo}/manifests/latest", headers={"Accept": ACCEPT}
+    ) as response:
+        if response.status != 200:
+            return "not cached"
+        manifest = json.loads(await response.read())
+    digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+    for digest in digests:
+        async with http.get(f"{proxy.url}/v2/{repo}/blobs/{digest}") as response:
+            body = await response.read() if response.status == 200 else b""
+        if response.status != 200 or oci.sha256_digest(body) != digest:
+            return "half"
+    return "full"
+
+
+def evicted_images() -> float:
+    return sum(
+        metrics.EVICTED_IMAGES.labels("size", kind)._value.get() for kind in ("image", "loose")
+    )
+
+
+async def test_fill_past_max_size_while_clients_pull_then_every_tag_is_whole_or_absent(
+    tmp_path: Path, registry: Registry, skopeo: Skopeo, http: aiohttp.ClientSession
+) -> None:
+    repos = [f"fill/app{i}" for i in range(24)]
+    images = await push_images(skopeo, registry, tmp_path / "layouts", repos)
+    image_bytes = sum(
+        len(i.manifest_bytes) + i.config.size + sum(layer.size for layer in i.layers)
+        for i in images.values()
+    )
+    max_size = image_bytes // 3  # the images are three times what the cache may keep
+    before = evicted_images()
+    async with cache_proxy(
+        registry.url, tmp_path / "cache", max_size=max_size, min_age="0s"
+    ) as proxy:
+        failed = await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in repos], tmp_path)
+        reg = registry_of(proxy)
+        assert reg.evictor is not None
+        await reg.evictor.wait()
+        used = reg.store.used_bytes
+        registry.stop()
+        answers = {repo: await offline_answer(http, proxy, repo) for repo in repos}
+    evictions = evicted_images() - before
+    print(
+        f"fill-and-evict: {image_bytes} bytes pulled into max_size {max_size};"
+        f" {used} bytes after; {evictions:.0f} evictions; {len(failed)} failed pulls;"
+        f" offline: {sum(a == 'full' for a in answers.values())} whole,"
+        f" {sum(a == 'not cached' for a in answers.values())} not cached"
+    )
+    assert failed == []
+    assert used <= max_size * 0.9
+    assert evictions > 0
+    assert "half" not in answers.values(), answers
+    assert "full" in answers.values() and "not cached" in answers.values()
+
+
+async def test_pinned_images_survive_a_fill_of_three_times_max_size(
+    tmp_path: Path, registry: Registry, skopeo: Skopeo, http: aiohttp.ClientSession
+) -> None:
+    pinned = ["base/python", "base/debian"]
+    filler = [f"fill/app{i}" for i in range(12)]
+    images = await push_images(skopeo, registry, tmp_path / "layouts", pinned + filler)
+    one = max(len(i.manifest_bytes) + i.config.size + 2 * LAYER_SIZE for i in images.values())
+    max_size = one * 4  # the two pins and about two others
+    async with cache_proxy(
+        registry.url, tmp_path / "cache", max_size=max_size, min_age="0s", pin=["up/base/*:latest"]
+    ) as proxy:
+        failed = await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in pinned], tmp_path)
+        failed += await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in filler], tmp_path)
+        reg = registry_of(proxy)
+        assert reg.evictor is not None
+        await reg.evictor.wait()
+        assert not reg.evictor.pins_over_limit
+        registry.stop()
+        for repo in pinned:
+            assert await offline_answer(http, proxy, repo) == "full"
+            await skopeo.pull(
+                proxy.host, f"{repo}:latest", tmp_path / f"offline-{repo.replace('/', '_')}"
+            )
+        assert sum([await offline_answer(http, proxy, r) == "full" for r in filler]) < 12
+    assert failed == []
