@@ -1,4 +1,5 @@
-"""Command line: ``registry-proxy serve`` and ``registry-proxy check-config``.
+"""Command line: ``registry-proxy serve``, ``registry-proxy check-config`` and the operator
+commands ``registry-proxy cache ...`` (``proxy.operator``).
 
 The override flags are not listed here: one per ``proxy.settings.OPTIONS``, declared with
 the settings they override.
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from proxy import operator
 from proxy.settings import OPTIONS, ConfigError, Settings, load_settings
 
 EXIT_CONFIG_ERROR = 2
@@ -27,13 +29,17 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "run the proxy"),
         ("check-config", "validate the configuration and print the effective settings"),
     ):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--config", metavar="FILE", help="YAML configuration file")
-        for option in OPTIONS:
-            cmd.add_argument(
-                option.flag, dest=option.name, metavar=option.key.metavar, help=option.key.help
-            )
+        _add_options(sub.add_parser(name, help=help_text))
+    operator.add_commands(sub, _add_options)
     return parser
+
+
+def _add_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    for option in OPTIONS:
+        cmd.add_argument(
+            option.flag, dest=option.name, metavar=option.key.metavar, help=option.key.help
+        )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
         return 0
+    if args.command == "cache":
+        return asyncio.run(operator.run(args, settings))
     return serve(settings)
 
 

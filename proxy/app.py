@@ -56,6 +56,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("GET", "/token", handlers.token)
     app.router.add_route("POST", "/token", handlers.token)
     app.router.add_get("/admin/usage", handlers.admin_usage)
+    app.router.add_get("/admin/cache/stats", handlers.admin_cache_stats)
+    app.router.add_get("/admin/cache/images", handlers.admin_cache_images)
+    app.router.add_post("/admin/cache/evict", handlers.admin_cache_evict)
+    app.router.add_post("/admin/cache/gc", handlers.admin_cache_gc)
+    app.router.add_post("/admin/cache/verify", handlers.admin_cache_verify)
     return app
 
 

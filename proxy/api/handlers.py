@@ -26,6 +26,7 @@ from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, OUTCOME_KEY, ROUTE_KE
 from proxy.errors import Denied, RegistryError, RouteUnknown, Unauthorized, Unsupported
 from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Outcome, Reference
+from proxy.pullthrough.operations import CacheOperations
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
 from proxy.routing import Route, Router
 
@@ -355,8 +356,8 @@ async def token(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def admin_usage(request: web.Request) -> web.Response:
-    """The top identities by requests (``?top=N``, default 20), for ``access.admins``."""
+async def _require_admin(request: web.Request) -> None:
+    """401 with the challenge for the anonymous, 403 for users not in ``access.admins``."""
     request[ROUTE_KEY] = "admin"
     control = request.app[ACCESS_KEY]
     identity = await control.identify(request)
@@ -367,6 +368,12 @@ async def admin_usage(request: web.Request) -> web.Response:
                 headers={"WWW-Authenticate": control.challenge(request, None, None)},
             )
         raise Denied("the admin endpoints are for access.admins")
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """The top identities by requests (``?top=N``, default 20), for ``access.admins``."""
+    await _require_admin(request)
+    control = request.app[ACCESS_KEY]
     top = request.query.get("top", "20")
     count = min(int(top), 1000) if top.isdigit() and int(top) > 0 else 20
     return web.json_response({"identities": await control.usage.top(count)})
@@ -390,3 +397,45 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ready" if ready else "unready", **report}, status=200 if ready else 503
     )
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _operations(request: web.Request) -> CacheOperations:
+    return CacheOperations(request.app[REGISTRY_KEY])
+
+
+async def admin_cache_stats(request: web.Request) -> web.Response:
+    """``registry-proxy cache stats`` against this proxy."""
+    await _require_admin(request)
+    return web.json_response(await _operations(request).stats())
+
+
+async def admin_cache_images(request: web.Request) -> web.Response:
+    """``cache ls [PATTERN]``: images with size, last pull, pinned (``?pattern=``)."""
+    await _require_admin(request)
+    pattern = request.query.get("pattern") or None
+    return web.json_response({"images": await _operations(request).images(pattern)})
+
+
+async def admin_cache_evict(request: web.Request) -> web.Response:
+    """``cache evict PATTERN`` (``?pattern=``, required)."""
+    await _require_admin(request)
+    pattern = request.query.get("pattern")
+    if not pattern:
+        raise Unsupported("evict needs ?pattern=<upstream>/<repository>:<tag> (globs)")
+    return web.json_response(await _operations(request).evict(pattern))
+
+
+async def admin_cache_gc(request: web.Request) -> web.Response:
+    """``cache gc [--dry-run]`` (``?dry_run=1``)."""
+    await _require_admin(request)
+    return web.json_response(await _operations(request).gc(dry_run=_flag(request, "dry_run")))
+
+
+async def admin_cache_verify(request: web.Request) -> web.Response:
+    """``cache verify [--repair]`` (``?repair=1``)."""
+    await _require_admin(request)
+    return web.json_response(await _operations(request).verify(repair=_flag(request, "repair")))

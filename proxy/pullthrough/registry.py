@@ -34,6 +34,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy import metrics
 from proxy.cache.cached import CachedBlobStatter
@@ -67,6 +68,7 @@ from proxy.settings import Settings, UpstreamSettings
 from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.eviction import Evictor
 from proxy.storage.index import FLUSH_INTERVAL, CacheIndex, IndexedTagStore, TagName
+from proxy.storage.lock import DirectoryLock
 from proxy.storage.manifests import ManifestStore
 from proxy.storage.pins import Pins
 from proxy.storage.state import SqliteState
@@ -116,6 +118,16 @@ def build_repository_blobs(
     return service
 
 
+class DirectoryBusy(RuntimeError):
+    """The cache directory's lock is held: by a running proxy (for the CLI), or by an
+    operator command (for a proxy starting)."""
+
+    def __init__(self, directory: Path, exclusive: bool) -> None:
+        holder = "a running proxy" if exclusive else "an operator command (registry-proxy cache)"
+        super().__init__(f"{directory} is in use by {holder}")
+        self.directory = directory
+
+
 class RegistryLayers:
     """The layers eviction must make forget what it removes (``CacheLayers``)."""
 
@@ -153,6 +165,7 @@ class PullThroughRegistry:
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
         self.committed = local_statter(self.store)
+        self.directory_lock = DirectoryLock(settings.cache_dir)
         self.index = CacheIndex(settings.cache_dir)
         self.store.on_use = lambda digest: self.index.times.touch((digest,))
         self.manifest_store = ManifestStore(self.store, index=self.index)
@@ -176,32 +189,34 @@ class PullThroughRegistry:
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
         self.pins = Pins(settings.pin)
-        self.evictor: Evictor | None = None
-        if settings.max_size is not None:
-            self.evictor = Evictor(
-                self.store,
-                settings.max_size,
-                self.index,
-                RegistryLayers(self),
-                high_watermark=settings.high_watermark,
-                low_watermark=settings.low_watermark,
-                min_age=settings.min_age,
-                pinned=self.pins.image_pinned,
-                busy=lambda digest: self.inflight.get(digest) is not None,
-            )
-            self.store.on_commit = self.evictor.maybe_start
+        self.evictor = Evictor(
+            self.store,
+            settings.max_size,
+            self.index,
+            RegistryLayers(self),
+            high_watermark=settings.high_watermark,
+            low_watermark=settings.low_watermark,
+            min_age=settings.min_age,
+            pinned=self.pins.image_pinned,
+            busy=lambda digest: self.inflight.get(digest) is not None,
+        )
+        self.store.on_commit = self.evictor.maybe_start
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
         self._flusher: asyncio.Task[None] | None = None
 
-    async def open(self) -> None:
-        """Create directories, remove leftover temp files, open one session per upstream."""
+    async def open(self, *, exclusive: bool = False) -> None:
+        """Take the directory's lock (shared by serving processes; ``exclusive`` for the
+        operator CLI), create directories, remove leftover temp files, open one session
+        per upstream. Raises ``DirectoryBusy`` when the lock is held the other way."""
+        if not await asyncio.to_thread(self.directory_lock.acquire, exclusive=exclusive):
+            raise DirectoryBusy(self.settings.cache_dir, exclusive)
         await asyncio.to_thread(self.store.open_store)
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
         await asyncio.to_thread(self.index.open_sync)
         self._flusher = asyncio.create_task(self._flush_times(), name="index-flush")
-        if self.evictor is not None:
+        if not exclusive:  # an operator command removes only what it is asked to
             self.evictor.maybe_start()
         _precreate_series([up.name for up in self.settings.upstreams])
         for up in self.settings.upstreams:
@@ -231,8 +246,7 @@ class PullThroughRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-        if self.evictor is not None:
-            await self.evictor.close()
+        await self.evictor.close()
         await self.inflight.close()
         for services in self.upstreams.values():
             await services.manifests.close()
@@ -246,6 +260,7 @@ class PullThroughRegistry:
             await asyncio.to_thread(self.state.close)
         await self.index.flush()
         await asyncio.to_thread(self.index.close_sync)
+        self.directory_lock.release()
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable. Upstream and
@@ -256,7 +271,7 @@ class PullThroughRegistry:
             "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
-        if self.evictor is not None:
+        if self.evictor.max_bytes is not None:
             eviction: dict[str, object] = {
                 "max_size": self.evictor.max_bytes,
                 "used": self.store.used_bytes,

@@ -148,6 +148,25 @@ class DiskBlobStore(BlobStore):
             return
         self._added(-size, -1)
 
+    async def quarantine(self, digest: Digest, folder: Path) -> Path | None:
+        """Move a committed blob out of the store into ``folder`` (a corrupt file kept for
+        the operator to inspect); None when it is already gone."""
+
+        def _move() -> tuple[Path, int]:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self.path(digest)
+            size = path.stat().st_size
+            dest = folder / f"{digest.algorithm}-{digest.hex}"
+            os.replace(path, dest)
+            return dest, size
+
+        try:
+            dest, size = await asyncio.to_thread(_move)
+        except FileNotFoundError:
+            return None
+        self._added(-size, -1)
+        return dest
+
     def _added(self, size: int, count: int = 1) -> None:
         self.used_bytes += size
         metrics.DISK_BYTES.set(self.used_bytes)

@@ -149,11 +149,24 @@ def make_plan(
     return plan
 
 
+def image_victim(
+    image: Image, others: Iterable[Image], committed: dict[Digest, tuple[float, int]]
+) -> Victim:
+    """``image`` as one victim: its members no image in ``others`` references."""
+    held = {d for other in others if other.root != image.root for d in other.members}
+    freed = [d for d in image.members if d not in held]
+    order = sorted(freed, key=lambda d: (d != image.root, d not in image.manifests, str(d)))
+    return Victim(order, sum(committed[d][1] for d in order if d in committed), image)
+
+
 class Evictor:
+    """Runs eviction passes (``max_bytes`` None: never on its own; ``remove`` still
+    serves ``cache evict``, GC and verify)."""
+
     def __init__(
         self,
         store: DiskBlobStore,
-        max_bytes: int,
+        max_bytes: int | None,
         index: CacheIndex,
         layers: CacheLayers,
         *,
@@ -168,28 +181,34 @@ class Evictor:
         self._max = max_bytes
         self._index = index
         self._layers = layers
-        self._high = int(max_bytes * high_watermark)
-        self._low = int(max_bytes * low_watermark)
+        self._high = None if max_bytes is None else int(max_bytes * high_watermark)
+        self._low = 0 if max_bytes is None else int(max_bytes * low_watermark)
         self._min_age = min_age
         self._pinned = pinned
         self._busy = busy
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._again = False
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Held by a pass; operations that remove content (GC, ``cache evict``) take it."""
         self.pins_over_limit = False
         self.last_plan: Plan | None = None
 
     @property
-    def max_bytes(self) -> int:
+    def max_bytes(self) -> int | None:
         return self._max
+
+    async def committed(self) -> dict[Digest, tuple[float, int]]:
+        """digest -> (mtime, size) of every committed file."""
+        listed = await asyncio.to_thread(self._store.list_committed)
+        return {digest: (mtime, size) for digest, mtime, size in listed}
 
     def maybe_start(self) -> None:
         """Start a pass if past the high watermark and none is running. Never blocks.
 
         Called during a pass, it asks for one more after it: the running pass planned
         from a snapshot taken before what was committed since."""
-        if self._store.used_bytes <= self._high:
+        if self._high is None or self._store.used_bytes <= self._high:
             return
         if self._task is not None:
             self._again = True
@@ -225,8 +244,7 @@ class Evictor:
         """The current plan: flush the access times, read the index and the disk."""
         await self._index.flush()
         snapshot = await self._index.snapshot()
-        listed = await asyncio.to_thread(self._store.list_committed)
-        committed = {digest: (mtime, size) for digest, mtime, size in listed}
+        committed = await self.committed()
         plan = make_plan(
             snapshot,
             committed,
@@ -237,7 +255,7 @@ class Evictor:
         metrics.CACHE_STATE_BYTES.labels("pinned").set(plan.pinned_bytes)
         metrics.CACHE_STATE_BYTES.labels("evictable").set(plan.evictable_bytes)
         metrics.CACHE_STATE_BYTES.labels("recent").set(plan.recent_bytes)
-        over = plan.pinned_bytes > self._max
+        over = self._max is not None and plan.pinned_bytes > self._max
         if over and not self.pins_over_limit:
             log.error(
                 "pinned images alone take %d bytes, more than cache.max_size (%d): they are"
@@ -251,7 +269,7 @@ class Evictor:
         return plan
 
     async def _pass(self) -> None:
-        async with self._lock:
+        async with self.lock:
             plan = await self.plan()
             removed = freed = 0
             for victim in plan.victims:
@@ -269,7 +287,7 @@ class Evictor:
                     self._store.used_bytes,
                     self._max,
                 )
-            elif self._store.used_bytes > self._high:
+            elif self._high is not None and self._store.used_bytes > self._high:
                 log.warning(
                     "cache over its high watermark (%d of %d bytes) with nothing evictable:"
                     " everything is pinned or used within cache.min_age",

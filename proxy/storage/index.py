@@ -282,6 +282,15 @@ class CacheIndex:
 
         return self._locked(write, False)
 
+    async def forget_tag(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ? AND digest = ?",
+                (upstream, repo, tag, str(digest)),
+            ).close(),
+            None,
+        )
+
     def flush_sync(self) -> None:
         """``flush`` for a caller without an event loop (the CLI)."""
         used, pulls = self.times.drain()
@@ -382,6 +391,7 @@ class IndexedTagStore(TagService):
 
     async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
         await self._inner.delete(upstream, repo, tag, digest)
+        await self._index.forget_tag(upstream, repo, tag, digest)
 
 
 def _parse(text: str) -> Digest | None:

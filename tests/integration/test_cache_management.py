@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -126,7 +127,6 @@ async def test_fill_past_max_size_while_clients_pull_then_every_tag_is_whole_or_
     ) as proxy:
         failed = await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in repos], tmp_path)
         reg = registry_of(proxy)
-        assert reg.evictor is not None
         await reg.evictor.wait()
         used = reg.store.used_bytes
         registry.stop()
@@ -159,7 +159,6 @@ async def test_pinned_images_survive_a_fill_of_three_times_max_size(
         failed = await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in pinned], tmp_path)
         failed += await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in filler], tmp_path)
         reg = registry_of(proxy)
-        assert reg.evictor is not None
         await reg.evictor.wait()
         assert not reg.evictor.pins_over_limit
         registry.stop()
@@ -170,3 +169,54 @@ async def test_pinned_images_survive_a_fill_of_three_times_max_size(
             )
         assert sum([await offline_answer(http, proxy, r) == "full" for r in filler]) < 12
     assert failed == []
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, out.decode() + ("\n" + err.decode() if process.returncode else "")
+
+
+async def test_verify_quarantines_a_flipped_byte_and_the_next_pull_fetches_it_again(
+    tmp_path: Path, registry: Registry, skopeo: Skopeo, http: aiohttp.ClientSession
+) -> None:
+    images = await push_images(skopeo, registry, tmp_path / "layouts", ["app/verify"])
+    layer = images["app/verify"].layers[0].digest
+    cache = tmp_path / "cache"
+    async with cache_proxy(registry.url, cache) as proxy:
+        await skopeo.pull(proxy.host, "app/verify:latest", tmp_path / "first")
+        path = proxy.blob_path(layer)
+        # While it runs, the CLI finds the directory locked and goes to the proxy's admin
+        # API (at the configured listen address, where this in-process proxy does not
+        # listen): it fails without touching the files.
+        status, out = await run_cli("cache", "verify", "--cache-dir", str(cache))
+        assert status == 1 and "in use by a running proxy" in out, out
+        assert path.exists() and not (cache / "quarantine").exists()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    status, out = await run_cli("cache", "verify", "--cache-dir", str(cache), "--json")
+    assert status == 1, out
+    report = json.loads(out.split("\n\n")[0] if "\n\n" in out else out)
+    assert report["corrupt"] == [layer]
+    quarantined = cache / "quarantine" / f"sha256-{layer.removeprefix('sha256:')}"
+    assert quarantined.read_bytes() == bytes(data)
+    assert not path.exists()
+    status, out = await run_cli("cache", "verify", "--cache-dir", str(cache))
+    assert status == 0, out  # nothing corrupt is left
+
+    async with cache_proxy(registry.url, cache) as proxy:
+        async with http.get(f"{proxy.url}/v2/app/verify/blobs/{layer}") as response:
+            assert response.status == 200
+            assert oci.sha256_digest(await response.read()) == layer
+        await skopeo.pull(proxy.host, "app/verify:latest", tmp_path / "second")
+    assert oci.sha256_digest(path.read_bytes()) == layer

@@ -495,6 +495,35 @@ async def test_admin_usage_lists_identities_for_admins_only(make: Make) -> None:
     assert entry["cache_bytes"] + entry["upstream_bytes"] == 2 * len(BODY)
 
 
+async def test_admin_cache_endpoints_are_for_admins_and_list_then_evict_images(
+    make: Make,
+) -> None:
+    rig = await make(access=RULES)
+    alice = basic("alice", USERS["alice"])
+    ops = basic("ops", USERS["ops"])
+    response = await rig.client.get(f"/v2/{REPO}/manifests/v1", headers=alice)
+    await response.read()
+    for method, path in (
+        ("GET", "/admin/cache/stats"),
+        ("GET", "/admin/cache/images"),
+        ("POST", "/admin/cache/evict?pattern=**"),
+        ("POST", "/admin/cache/gc"),
+        ("POST", "/admin/cache/verify"),
+    ):
+        anonymous = await rig.client.request(method, path)
+        assert anonymous.status == 401 and "WWW-Authenticate" in anonymous.headers
+        assert (await rig.client.request(method, path, headers=alice)).status == 403
+    listed = await (await rig.client.get("/admin/cache/images", headers=ops)).json()
+    (image,) = listed["images"]
+    assert any(name.endswith(f"{REPO}:v1") for name in image["names"])
+    stats = await (await rig.client.get("/admin/cache/stats", headers=ops)).json()
+    assert stats["images"] == 1 and stats["used_bytes"] >= len(BODY)
+    evicted = await rig.client.post("/admin/cache/evict?pattern=**", headers=ops)
+    assert (await evicted.json())["removed"] == image["names"]
+    listed = await (await rig.client.get("/admin/cache/images", headers=ops)).json()
+    assert listed["images"] == []
+
+
 async def test_decisions_are_counted_by_reason(make: Make) -> None:
     rig = await make(access=RULES)
     before_private = decisions("deny", "private")
