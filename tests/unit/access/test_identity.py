@@ -239,7 +239,8 @@ def test_no_peer_is_unknown() -> None:
 
 def trusted(hop: str) -> bool:
     ip = ipaddress.ip_address(hop)
-    return any(ip in network for network in TRUSTED)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in network or (mapped is not None and mapped in network) for network in TRUSTED)
 
 
 @given(
@@ -262,3 +263,8 @@ def test_the_answer_is_the_peer_or_a_hop_with_only_proxies_right_of_it(hops: lis
     right = stripped[len(stripped) - stripped[::-1].index(address) :]
     assert all(trusted(h) for h in right)
 
+
+def test_an_ipv4_mapped_peer_is_matched_against_ipv4_networks() -> None:
+    # A dual-stack listener ("[::]:5000") sees IPv4 peers as ::ffff:a.b.c.d.
+    assert client_address("::ffff:10.1.2.3", "203.0.113.9", TRUSTED) == "203.0.113.9"
+    assert client_address("10.1.2.3", "203.0.113.9, ::ffff:10.0.0.2", TRUSTED) == "203.0.113.9"
