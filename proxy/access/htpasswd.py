@@ -97,8 +97,10 @@ class Htpasswd:
             self._verified[token] = username
             self._failures.pop(username, None)
         else:
-            recent.append(now)
-            self._failures[username] = recent
+            # Read the failures again: concurrent attempts may have added theirs meanwhile.
+            failures = [t for t in self._failures.get(username, []) if now - t < FAILURE_WINDOW]
+            failures.append(now)
+            self._failures[username] = failures
         return ok
 
     def _maybe_reload(self) -> None:

@@ -314,6 +314,17 @@ async def test_a_remembered_password_still_passes_during_a_lockout(
     assert checks.calls == 1 + MAX_FAILURES
 
 
+async def test_concurrent_wrong_passwords_all_count(users: Htpasswd, checks: CountingCheck) -> None:
+    # A login storm sends its guesses at once: each failure must count, not only the last.
+    storm = 2 * MAX_FAILURES
+    results = await asyncio.gather(*(users.verify("alice", f"guess-{i}") for i in range(storm)))
+    assert results == [False] * storm
+
+    with pytest.raises(TooManyRequests):
+        await users.verify("alice", "wrong")
+    assert checks.calls == storm
+
+
 # --- bounded bcrypt work ------------------------------------------------------------------
 
 
