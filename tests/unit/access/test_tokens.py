@@ -7,9 +7,12 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import stat
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +357,33 @@ def test_tokens_survive_a_restart(tmp_path: Path) -> None:
     after = TokenService.from_settings(None, tmp_path, service=SERVICE, expiry=60)
 
     assert after.verify(token).subject == "alice"
+
+
+def test_concurrent_generations_leave_one_key(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    start = threading.Barrier(4)
+
+    def generate() -> object:
+        start.wait(timeout=30)
+        return public_numbers(load_or_generate_key(None, cache))
+
+    with ThreadPoolExecutor(4) as pool:
+        keys = list(pool.map(lambda _: generate(), range(4)))
+
+    assert len({repr(k) for k in keys}) == 1
+    assert keys[0] == public_numbers(load_or_generate_key(None, cache))
+    assert sorted(p.name for p in cache.iterdir()) == [GENERATED_KEY_NAME]
+
+
+def test_a_temp_file_left_by_a_crash_does_not_stop_the_next_start(tmp_path: Path) -> None:
+    # In a container the proxy is often PID 1 on every start, so a temp file named by
+    # the PID is the very one the next start would create.
+    (tmp_path / f".{GENERATED_KEY_NAME}.{os.getpid()}.tmp").write_bytes(b"half a key")
+
+    key = load_or_generate_key(None, tmp_path)
+
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert (tmp_path / GENERATED_KEY_NAME).exists()
 
 
 def write_pem(path: Path, key: Any) -> Path:
