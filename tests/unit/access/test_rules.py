@@ -131,6 +131,38 @@ def test_a_filled_in_placeholder_counts_with_the_users_name_for_length() -> None
     assert pattern(table, "dockerhub/home/x", "x") == "dockerhub/home/**"
 
 
+@pytest.mark.parametrize(
+    ("glob", "path", "user"),
+    [
+        ("dockerhub/${user}-*", "dockerhub/a-b-c", "a"),
+        ("dockerhub/${user}*", "dockerhub/alice-tools", "alice"),
+        ("**/${user}/**", "dockerhub/alice/x/y", "alice"),
+        ("dockerhub/*-${user}", "dockerhub/team-a-b", "b"),
+        ("dockerhub/*-${user}", "dockerhub/team-a-b", "a-b"),
+        ("dockerhub/${user}/${user}-*", "dockerhub/al/al-x", "al"),
+    ],
+)
+def test_a_placeholder_next_to_a_glob_matches_the_users_own_paths(
+    glob: str, path: str, user: str
+) -> None:
+    table = rules((glob, ["authenticated"]))
+
+    assert pattern(table, path, user) == glob
+
+
+def test_every_placeholder_is_the_same_user() -> None:
+    table = rules(("dockerhub/${user}/${user}-*", ["authenticated"]))
+
+    assert table.match("dockerhub/al/bo-x", "al") is None
+    assert table.match("dockerhub/al/bo-x", "bo") is None
+
+
+def test_no_user_name_fills_a_placeholder_with_nothing() -> None:
+    table = rules(("dockerhub/home/${user}", ["authenticated"]))
+
+    assert table.match("dockerhub/home/", "") is None
+
+
 def test_results_are_cached_per_user_when_a_rule_has_a_placeholder() -> None:
     table = rules(("dockerhub/${user}/**", ["authenticated"]))
 
