@@ -239,6 +239,13 @@ def parse_network(value: object, key: str) -> str:
         raise ConfigError(key, f"expected an IP address or network, got {value!r}") from None
 
 
+def parse_networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of addresses or networks, each normalised; an error names ``key[i]``."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of IP addresses or networks")
+    return tuple(parse_network(item, f"{key}[{index}]") for index, item in enumerate(value))
+
+
 def _lower(value: object, key: str) -> object:
     """Names of levels and formats are case-insensitive (``ERROR`` from the environment)."""
     return value.lower() if isinstance(value, str) else value
@@ -333,7 +340,8 @@ UpstreamName = Annotated[
 ]
 CountRate = Annotated[Rate, Parse(parse_count_rate), Show(str)]
 SizeRate = Annotated[Rate, Parse(parse_size_rate), Show(str)]
-Network = Annotated[str, Parse(parse_network)]
+# A Parse marker applies to the field's own type, not to the items of a tuple.
+Networks = Annotated[tuple[str, ...], Parse(parse_networks), Show(list)]
 FilePath = Annotated[Path, Parse(parse_directory), Show(str), Expect("a file path")]
 Visibility = Literal["auto", "public", "private"]
 HostNames = Annotated[
@@ -409,7 +417,7 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     htpasswd: FilePath | None = None
     token: Annotated[TokenSettings, _section(TokenSettings), _SectionShow] = TokenSettings()
-    trusted_proxies: Annotated[tuple[Network, ...], Show(list)] = ()
+    trusted_proxies: Networks = ()
     decision_ttl: Duration = DEFAULT_DECISION_TTL
     visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
 

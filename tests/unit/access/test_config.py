@@ -263,6 +263,26 @@ def test_a_bad_value_is_named(data: dict[str, Any], key: str) -> None:
     assert str(error).startswith(f"{key}: ")
 
 
+@pytest.mark.parametrize(
+    ("proxies", "key"),
+    [
+        (["not-an-address"], "auth.trusted_proxies[0]"),
+        (["10.0.0.0/8", "10.0.0.0/33"], "auth.trusted_proxies[1]"),
+        (["10.0.0.0/8", 7], "auth.trusted_proxies[1]"),
+    ],
+)
+def test_a_bad_trusted_proxy_is_named(proxies: list[object], key: str) -> None:
+    error = config_error({"auth": {"trusted_proxies": proxies}})
+
+    assert error.key == key
+
+
+def test_trusted_proxies_are_normalised() -> None:
+    auth = settings({"auth": {"trusted_proxies": ["10.1.2.3/8", "::1", "192.0.2.1"]}}).auth
+
+    assert auth.trusted_proxies == ("10.0.0.0/8", "::1/128", "192.0.2.1/32")
+
+
 # --- the round trip and what check-config shows ---------------------------------------------------
 
 
