@@ -369,7 +369,7 @@ def _section(cls: type[_S]) -> Parse:
         values: dict[str, Any] = {}
         for info in fields(cls):
             item = value.get(info.name)
-            if item is not None:
+            if item is not None or info.required:  # a missing required key is refused by name
                 values[info.name] = _convert(info, item, f"{key}.{info.name}", True)
         return cls(**values)
 

@@ -243,6 +243,9 @@ def test_an_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
         ({"access": {"admins": "ops"}}, "access.admins"),
         ({"access": {"rules": {"repos": "**"}}}, "access.rules"),
         ({"access": {"rules": ["**"]}}, "access.rules[0]"),
+        ({"access": {"rules": [{"pull": ["anonymous"]}]}}, "access.rules[0].repos"),
+        ({"access": {"rules": [{"repos": "**"}, {}]}}, "access.rules[1].repos"),
+        ({"access": {"rules": [{"repos": None}]}}, "access.rules[0].repos"),
         ({"access": {"rules": [{"repos": ""}]}}, "access.rules[0].repos"),
         ({"access": {"rules": [{"repos": "**", "pull": "anonymous"}]}}, "access.rules[0].pull"),
         ({"access": {"rules": [{"repos": "**"}, {"repos": 5}]}}, "access.rules[1].repos"),
@@ -376,6 +379,17 @@ def test_check_config_prints_the_sections_and_no_secret(
     assert printed["limits"]["cold_fetches"] == "200/21600s"
     assert printed["auth"]["token"]["service"] == "proxy.example"
     assert printed["upstreams"][0]["password"] == "<redacted>"
+
+
+def test_check_config_names_a_missing_pattern(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("access:\n  rules:\n    - {pull: [anonymous]}\n", encoding="utf-8")
+
+    assert main(["check-config", "--config", str(path)]) == 2
+
+    assert "access.rules[0].repos: expected a pattern" in capsys.readouterr().err
 
 
 def test_check_config_names_a_bad_access_key(
