@@ -35,6 +35,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import UnionType
 from typing import (
@@ -201,7 +202,11 @@ class Rate:
     period: float
 
     def __str__(self) -> str:
-        return f"{self.amount}/{self.period:g}s"
+        # Plain decimal digits, as _RATE reads them (':g' wrote 30d as 2.592e+06s).
+        period = format(Decimal(repr(self.period)), "f")
+        if "." in period:
+            period = period.rstrip("0").rstrip(".")
+        return f"{self.amount}/{period}s"
 
 
 def _rate(value: object, key: str, amount: Callable[[object, str], int]) -> Rate:

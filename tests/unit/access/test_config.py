@@ -362,6 +362,19 @@ def test_the_defaults_round_trip() -> None:
     assert (again.auth, again.access, again.limits) == (first.auth, first.access, first.limits)
 
 
+@pytest.mark.parametrize(
+    "written",
+    ["200/30d", "1/12d", "7/1000000s", "3/500ms", "5/1.5h", "1/0.25s", "9/0.001s", "1/0.00001s"],
+)
+def test_every_rate_round_trips(written: str) -> None:
+    period = written.partition("/")[2]
+    first = settings({"limits": {"cold_fetches": written, "cold_bytes": f"1GiB/{period}"}})
+
+    again = settings({"limits": first.to_dict()["limits"]})
+
+    assert again.limits == first.limits
+
+
 def test_check_config_prints_the_sections_and_no_secret(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
