@@ -77,8 +77,12 @@ def remove(path: Path) -> None:
 
 def rewrite(path: Path, text: str) -> None:
     """New content and a modification time surely different from the old one."""
+    rewrite_bytes(path, text.encode())
+
+
+def rewrite_bytes(path: Path, data: bytes) -> None:
     before = path.stat().st_mtime_ns
-    path.write_text(text, encoding="utf-8")
+    path.write_bytes(data)
     os.utime(path, ns=(before + 2_000_000_000, before + 2_000_000_000))
 
 
@@ -110,6 +114,14 @@ def test_users_and_membership(users: Htpasswd) -> None:
 def test_load_of_a_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         Htpasswd(tmp_path / "absent").load()
+
+
+def test_load_of_a_file_that_is_not_utf8_raises_oserror(tmp_path: Path) -> None:
+    file = tmp_path / "htpasswd"
+    file.write_bytes(b"alice:\xff\n")
+
+    with pytest.raises(OSError, match="not UTF-8"):
+        Htpasswd(file).load()
 
 
 def test_lines_without_a_bcrypt_hash_are_ignored(tmp_path: Path, clock: Clock) -> None:
@@ -215,6 +227,19 @@ async def test_a_file_that_disappears_keeps_the_users_last_read(
     assert await users.verify("alice", "alice-pw")
     warnings = [r for r in caplog.records if "cannot re-read" in r.getMessage()]
     assert len(warnings) == 1  # said once
+
+
+async def test_a_file_that_is_not_utf8_keeps_the_users_last_read(
+    users: Htpasswd, path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "alice" in users
+    rewrite_bytes(path, f"# caf\xe9 in latin-1\nalice:{ALICE}\n".encode("latin-1"))
+
+    clock.advance(RELOAD_INTERVAL)
+
+    assert users.users() == frozenset({"alice", "bob"})
+    assert await users.verify("bob", "bob-pw")
+    assert [r for r in caplog.records if "cannot re-read" in r.getMessage()]
 
 
 # --- remembered passwords -----------------------------------------------------------------
