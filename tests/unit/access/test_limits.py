@@ -48,19 +48,34 @@ async def test_a_burst_of_amount_then_refusal(clock: Clock) -> None:
     assert (refused.limit, refused.period) == (5, 60)
 
 
+@pytest.mark.parametrize("now", [1_000_000.0, 1_733_000_000.123])
+@pytest.mark.parametrize(("amount", "period"), [(3, 1.0), (7, 60.0), (50, 1.0), (1000, 21600.0)])
+async def test_the_burst_is_exactly_amount_at_any_time(
+    now: float, amount: int, period: float
+) -> None:
+    # Time as floats drifts by an ulp or so per unit taken: never by a whole unit.
+    limit = bucket(amount, period, Clock(now))
+
+    verdicts = [await limit.take("k") for _ in range(amount + 1)]
+
+    assert [v.allowed for v in verdicts] == [True] * amount + [False]
+    assert [v.remaining for v in verdicts[:amount]] == list(range(amount - 1, -1, -1))
+    assert verdicts[-1].retry_after == pytest.approx(period / amount, rel=1e-3)
+
+
 async def test_one_unit_comes_back_per_interval(clock: Clock) -> None:
     limit = bucket(4, 60, clock)
     for _ in range(4):
         await limit.take("k")
 
-    clock.advance(15 - 0.001)
+    clock.advance(15 - 0.01)
     early = await limit.take("k")
-    clock.advance(0.001)
+    clock.advance(0.01)
     on_time = await limit.take("k")
     again = await limit.take("k")
 
     assert not early.allowed
-    assert early.retry_after == pytest.approx(0.001)
+    assert early.retry_after == pytest.approx(0.01)
     assert on_time.allowed and on_time.remaining == 0
     assert not again.allowed
 
@@ -352,6 +367,19 @@ async def test_the_script_keys_expire(server: fakeredis.FakeServer, clock: Clock
 
     ttl = await redis.client.pttl(redis.key("limit", "requests", "k"))
     assert 0 < ttl <= 6000 + 1000 + 100
+
+
+async def test_the_script_stores_the_arrival_time_at_full_precision(
+    server: fakeredis.FakeServer, clock: Clock
+) -> None:
+    # Lua's tostring keeps 14 digits: about 0.1 ms at today's epoch, a unit of 1000/s.
+    redis = layer(server)
+    limit = bucket(1000, 1, clock, redis)
+
+    await limit.take("k")
+
+    stored = (await redis.client.get(redis.key("limit", "requests", "k"))).decode()
+    assert len(stored.replace(".", "").lstrip("0")) >= 16
 
 
 async def test_without_redis_the_bucket_runs_in_memory(
