@@ -111,6 +111,17 @@ def test_an_issued_token_verifies_to_its_claims(service: TokenService) -> None:
     assert time.time() + 290 < verified.expires <= time.time() + 301
 
 
+def test_an_anonymous_token_has_an_empty_subject(service: TokenService) -> None:
+    token, _ = service.issue(
+        kind="anonymous", subject="", access=[], grants=[("dockerhub", "library/alpine")]
+    )
+
+    verified = service.verify(token)
+
+    assert (verified.kind, verified.subject, verified.fingerprint) == ("anonymous", "", None)
+    assert verified.grants == frozenset({("dockerhub", "library/alpine")})
+
+
 def test_the_token_carries_the_spec_claims(service: TokenService) -> None:
     token = issue_user(service)
 
