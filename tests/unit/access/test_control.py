@@ -4,9 +4,12 @@ found on the way (control.py is being reworked elsewhere; they are reported, not
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from proxy.access.control import AccessControl
 from proxy.routing import Router
@@ -57,3 +60,38 @@ async def test_without_access_control_any_header_is_anonymous(header: str) -> No
     identity = await access.identify(request)
 
     assert identity.kind == "anonymous"
+
+
+BEHIND_A_PROXY: dict[str, Any] = {**PUBLIC_ONLY, "auth": {"trusted_proxies": ["10.0.0.0/8"]}}
+
+
+def from_proxy(headers: list[tuple[str, str]]) -> web.Request:
+    """A request whose peer is the trusted proxy 10.0.0.1."""
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("10.0.0.1", 40000) if name == "peername" else default
+    )
+    return make_mocked_request("GET", "/v2/", headers=CIMultiDict(headers), transport=transport)
+
+
+def test_the_client_address_comes_from_the_trusted_proxys_header() -> None:
+    access = control(BEHIND_A_PROXY)
+    request = from_proxy([("X-Forwarded-For", "198.51.100.1, 203.0.113.9")])
+
+    assert access.address(request) == "203.0.113.9"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "control.py: address() reads only the first X-Forwarded-For header; a proxy that"
+        " adds its own header line (HAProxy's option forwardfor) leaves the client's forged"
+        " one first, so the client picks its address and its rate-limit bucket"
+        " (should join getall(), RFC 9110 5.3; reported, not fixed here)"
+    ),
+)
+def test_a_second_forwarded_for_header_line_is_part_of_the_chain() -> None:
+    access = control(BEHIND_A_PROXY)
+    request = from_proxy([("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")])
+
+    assert access.address(request) == "203.0.113.9"

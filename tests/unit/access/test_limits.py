@@ -378,7 +378,9 @@ async def test_the_script_stores_the_arrival_time_at_full_precision(
 
     await limit.take("k")
 
-    stored = (await redis.client.get(redis.key("limit", "requests", "k"))).decode()
+    raw = await redis.client.get(redis.key("limit", "requests", "k"))
+    assert isinstance(raw, bytes)
+    stored = raw.decode()
     assert len(stored.replace(".", "").lstrip("0")) >= 16
 
 
