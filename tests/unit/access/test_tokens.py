@@ -439,7 +439,9 @@ def test_weak_or_unsupported_keys_are_refused(tmp_path: Path, make: Callable[[],
         load_or_generate_key(configured, tmp_path)
 
 
-def test_the_module_generates_into_the_cache_dir_only_when_asked(tmp_path: Path) -> None:
-    assert tokens.GENERATED_KEY_NAME == "token.pem"
-    load_or_generate_key(None, tmp_path / "a" / "b")
-    assert (tmp_path / "a" / "b" / "token.pem").is_file()
+def test_the_key_is_generated_into_a_cache_dir_not_made_yet(tmp_path: Path) -> None:
+    key = load_or_generate_key(None, tmp_path / "a" / "b")
+
+    written = tmp_path / "a" / "b" / tokens.GENERATED_KEY_NAME
+    assert written.is_file()
+    assert public_numbers(key) == public_numbers(load_or_generate_key(written, tmp_path))
