@@ -18,6 +18,7 @@ bcrypt is slow on purpose, so it never runs on the event loop and its work is bo
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
@@ -97,8 +98,10 @@ class Htpasswd:
             self._verified[token] = username
             self._failures.pop(username, None)
         else:
-            recent.append(now)
-            self._failures[username] = recent
+            # Read the failures again: concurrent attempts may have added theirs meanwhile.
+            failures = [t for t in self._failures.get(username, []) if now - t < FAILURE_WINDOW]
+            failures.append(now)
+            self._failures[username] = failures
         return ok
 
     def _maybe_reload(self) -> None:
@@ -118,7 +121,11 @@ class Htpasswd:
     def _read(self, stat: os.stat_result) -> None:
         users: dict[str, bytes] = {}
         skipped = 0
-        for line in self._path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # unreadable too: load() and reloads say OSError
+            raise OSError(errno.EILSEQ, f"not UTF-8 (byte {exc.start})") from None
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

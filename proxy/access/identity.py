@@ -141,4 +141,6 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in trusted)
+    # A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d; match either form.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in network or (mapped is not None and mapped in network) for network in trusted)
