@@ -136,6 +136,11 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     return address
 
 
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``address`` (IPv4-mapped IPv6 included) is in one of ``trusted``."""
+    return _trusted(address, trusted)
+
+
 def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)

@@ -1,5 +1,5 @@
-"""AccessControl: only what the brief of the access unit tests covers of it, the bugs
-found on the way (control.py is being reworked elsewhere; they are reported, not fixed)."""
+"""AccessControl: headers a proxy with nothing to protect ignores, and the client address
+behind trusted proxies."""
 
 from __future__ import annotations
 
@@ -42,14 +42,6 @@ async def test_without_access_control_a_well_formed_header_is_anonymous() -> Non
     assert identity.kind == "anonymous"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "control.py: identify() parses Authorization before looking at `engaged`, so a proxy"
-        " with nothing to protect answers 401 to a header of another scheme or a malformed"
-        " Basic one, which it ignored before access control (reported, not fixed here)"
-    ),
-)
 @pytest.mark.parametrize(
     "header", ["Negotiate YIIabc", "AWS4-HMAC-SHA256 Credential=x", "Basic not-base64!"]
 )
@@ -81,15 +73,6 @@ def test_the_client_address_comes_from_the_trusted_proxys_header() -> None:
     assert access.address(request) == "203.0.113.9"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "control.py: address() reads only the first X-Forwarded-For header; a proxy that"
-        " adds its own header line (HAProxy's option forwardfor) leaves the client's forged"
-        " one first, so the client picks its address and its rate-limit bucket"
-        " (should join getall(), RFC 9110 5.3; reported, not fixed here)"
-    ),
-)
 def test_a_second_forwarded_for_header_line_is_part_of_the_chain() -> None:
     access = control(BEHIND_A_PROXY)
     request = from_proxy([("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")])

@@ -417,3 +417,17 @@ async def test_beyond_max_waiting_a_login_is_refused_at_once(
     assert await first
     # The slot is given back: the next login goes through.
     assert await users.verify("bob", "bob-pw")
+
+
+async def test_a_lockout_is_per_source_so_strangers_cannot_lock_a_user_out(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text(f"alice:{ALICE}\n")
+    users = Htpasswd(path)
+    users.load()
+    for _ in range(MAX_FAILURES):
+        assert not await users.verify("alice", "wrong", "198.51.100.7")
+    with pytest.raises(TooManyRequests):
+        await users.verify("alice", "alice-pw", "198.51.100.7")
+    assert await users.verify("alice", "alice-pw", "10.0.0.5")
