@@ -44,6 +44,7 @@ from proxy.access.identity import (
     Identity,
     Presented,
     client_address,
+    is_trusted,
     parse_authorization,
 )
 from proxy.access.limits import Limits, Usage
@@ -141,6 +142,12 @@ class AccessControl:
         if known is not None:
             return known
         address = self.address(request)
+        if not self.engaged:
+            # Nothing to protect: any Authorization header (another scheme, credentials
+            # meant for someone else) is ignored, as it was before access control.
+            identity = Identity("anonymous", address)
+            request[IDENTITY_KEY] = identity
+            return identity
         try:
             presented = parse_authorization(request.headers.get("Authorization"))
             identity = await self._identity(presented, address)
@@ -160,10 +167,13 @@ class AccessControl:
         return identity
 
     def address(self, request: web.Request) -> str:
-        return client_address(request.remote, request.headers.get("X-Forwarded-For"), self._trusted)
+        # Every X-Forwarded-For line, in order: a proxy that appends its own line must not
+        # leave the client's forged first line to decide.
+        forwarded = ", ".join(request.headers.getall("X-Forwarded-For", [])) or None
+        return client_address(request.remote, forwarded, self._trusted)
 
     async def _identity(self, presented: Presented | None, address: str) -> Identity:
-        if presented is None or not self.engaged:
+        if presented is None:
             return Identity("anonymous", address)
         if presented.scheme == "bearer":
             assert presented.token is not None and self.tokens is not None
@@ -187,7 +197,7 @@ class AccessControl:
         pass-through identity when any upstream passes credentials through."""
         if self.htpasswd is not None and credential.username in self.htpasswd:
             try:
-                ok = await self.htpasswd.verify(credential.username, credential.password)
+                ok = await self.htpasswd.verify(credential.username, credential.password, address)
             except TooManyRequests:
                 metrics.LIMIT_REJECTIONS.labels("logins", credential.username).inc()
                 raise
@@ -334,13 +344,8 @@ class AccessControl:
 
     def _scheme(self, request: web.Request) -> str:
         proto = request.headers.get("X-Forwarded-Proto")
-        if proto in ("http", "https") and self._trusted:
-            peer = request.remote or ""
-            try:
-                if any(ipaddress.ip_address(peer) in n for n in self._trusted):
-                    return proto
-            except ValueError:
-                pass
+        if proto in ("http", "https") and is_trusted(request.remote or "", self._trusted):
+            return proto
         return request.scheme
 
     # --- the token service ---------------------------------------------------------------

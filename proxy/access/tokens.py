@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -162,8 +163,10 @@ def load_or_generate_key(
             serialization.NoEncryption(),
         )
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # A unique temp name (mode 0600): a PID-named one collides with a concurrent
+        # start in this process and with one a crash left (PID 1 in every container).
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temp = Path(name)
         with os.fdopen(fd, "wb") as out:
             out.write(pem)
             out.flush()
