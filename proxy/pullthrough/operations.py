@@ -78,6 +78,7 @@ class CacheOperations:
         self._root = registry.settings.cache_dir
 
     async def _catalog(self) -> Catalog:
+        await self._registry.counted()  # removals adjust counts the start-up walk makes
         await self._registry.index.flush()
         snapshot = await self._registry.index.snapshot()
         return Catalog(build_images(snapshot), await self._evictor.committed())
@@ -239,6 +240,7 @@ class CacheOperations:
 
     async def verify(self, *, repair: bool = False) -> dict[str, Any]:
         """Re-hash every committed file; quarantine and forget the corrupt ones."""
+        await self._registry.counted()
         committed = await self._evictor.committed()
         store = self._registry.store
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ from proxy.storage.manifests import ManifestStore
 from proxy.storage.pins import Pins
 from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
 
 
 def local_statter(store: DiskBlobStore) -> BlobDescriptorService:
@@ -204,6 +207,7 @@ class PullThroughRegistry:
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._counting: asyncio.Task[None] | None = None
 
     async def open(self, *, exclusive: bool = False) -> None:
         """Take the directory's lock (shared by serving processes; ``exclusive`` for the
@@ -211,13 +215,14 @@ class PullThroughRegistry:
         per upstream. Raises ``DirectoryBusy`` when the lock is held the other way."""
         if not await asyncio.to_thread(self.directory_lock.acquire, exclusive=exclusive):
             raise DirectoryBusy(self.settings.cache_dir, exclusive)
-        await asyncio.to_thread(self.store.open_store)
+        await asyncio.to_thread(self.store.prepare)
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
         await asyncio.to_thread(self.index.open_sync)
         self._flusher = asyncio.create_task(self._flush_times(), name="index-flush")
-        if not exclusive:  # an operator command removes only what it is asked to
-            self.evictor.maybe_start()
+        # Counting what is stored walks every file: it runs while the proxy serves
+        # (a hit needs only the file's own stat). Eviction waits for it.
+        self._counting = asyncio.create_task(self._count(evict=not exclusive), name="count")
         _precreate_series([up.name for up in self.settings.upstreams])
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
@@ -234,6 +239,24 @@ class PullThroughRegistry:
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
             )
 
+    async def _count(self, *, evict: bool) -> None:
+        started = time.perf_counter()
+        await self.store.count()
+        log.info(
+            "cache indexed: %d files, %d bytes in %.2fs",
+            self.store.blob_count,
+            self.store.used_bytes,
+            time.perf_counter() - started,
+            extra={"dir": str(self.settings.cache_dir)},
+        )
+        if evict:  # an operator command removes only what it is asked to
+            self.evictor.maybe_start()
+
+    async def counted(self) -> None:
+        """Wait until the start-up count of the store has ended."""
+        if self._counting is not None:
+            await asyncio.shield(self._counting)
+
     async def _flush_times(self) -> None:
         """Write the access times gathered in memory, every ``FLUSH_INTERVAL``."""
         while True:
@@ -241,6 +264,10 @@ class PullThroughRegistry:
             await self.index.flush()
 
     async def close(self) -> None:
+        if self._counting is not None and not self._counting.done():
+            self._counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counting
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -268,7 +295,13 @@ class PullThroughRegistry:
         cache without them."""
         writable = await asyncio.to_thread(self.store.writable)
         report: dict[str, object] = {
-            "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
+            "cache": {
+                "dir": str(self.settings.cache_dir),
+                "writable": writable,
+                "indexed": not self.store.counting,
+                "files": self.store.blob_count,
+                "bytes": self.store.used_bytes,
+            },
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
         if self.evictor.max_bytes is not None:

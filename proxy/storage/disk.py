@@ -46,14 +46,24 @@ class DiskBlobStore(BlobStore):
         self._blobs = root / BLOBS_DIR
         self._tmp = root / TMP_DIR
         self.used_bytes = 0
+        self.blob_count = 0
+        self.counting = False
+        """True while ``count`` walks the store after start (used_bytes is partial)."""
+        self._during: dict[Digest, int] = {}
         self.on_commit: Callable[[], None] | None = None
         """Called on the event loop after each commit (eviction hooks in here)."""
         self.on_use: Callable[[Digest], None] | None = None
         """Called by ``stat`` of a committed blob: its use, for eviction's recency."""
 
     def open_store(self) -> None:
-        """Create the directories, remove temp files a previous run left behind, and count
-        what is stored. Blocking: run it in a thread."""
+        """``prepare`` and count what is stored, in one go. Blocking: run it in a thread.
+        (The registry instead counts in the background: ``count``.)"""
+        self.prepare()
+        self._counted(*self._count_sync())
+
+    def prepare(self) -> None:
+        """Create the directories and remove temp files a previous run left behind.
+        Blocking, and quick whatever the store holds: it never walks ``blobs/``."""
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         removed = 0
@@ -67,16 +77,48 @@ class DiskBlobStore(BlobStore):
                 continue
         if removed:
             log.info("removed %d leftover temp files", removed, extra={"dir": str(self._tmp)})
+        self.counting = True
+        self._during = {}
+
+    def _count_sync(self) -> tuple[int, int, set[Digest]]:
+        """(count, bytes, digests) of the committed files: one ``scandir`` walk."""
         count = size = 0
-        for path in self._blobs.glob("*/*/*"):
-            try:
-                size += path.stat().st_size
-                count += 1
-            except FileNotFoundError:
+        seen: set[Digest] = set()
+        try:
+            algorithms = list(os.scandir(self._blobs))
+        except FileNotFoundError:
+            return 0, 0, seen
+        for algorithm in algorithms:
+            if not algorithm.is_dir():
                 continue
-        self.used_bytes = size
-        metrics.DISK_BYTES.set(size)
-        metrics.DISK_BLOBS.set(count)
+            for prefix in os.scandir(algorithm.path):
+                if not prefix.is_dir():
+                    continue
+                for entry in os.scandir(prefix.path):
+                    try:
+                        size += entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    count += 1
+                    seen.add(Digest(algorithm.name, entry.name))
+        return count, size, seen
+
+    def _counted(self, count: int, size: int, seen: set[Digest]) -> None:
+        # Commits while the walk ran were counted as they happened; the walk saw some
+        # of them too: those are taken out once.
+        twice = [d for d in self._during if d in seen]
+        self.used_bytes += size - sum(self._during[d] for d in twice)
+        self.blob_count += count - len(twice)
+        self.counting = False
+        self._during = {}
+        metrics.DISK_BYTES.set(self.used_bytes)
+        metrics.DISK_BLOBS.set(self.blob_count)
+
+    async def count(self) -> None:
+        """Count the committed files in a worker thread while the proxy serves; until
+        it ends ``counting`` is True and ``used_bytes`` holds only what changed since
+        start. Removals wait for it (``Evictor``), so only commits race the walk."""
+        self._counted(*await asyncio.to_thread(self._count_sync))
 
     def list_committed(self) -> list[tuple[Digest, float, int]]:
         """(digest, mtime, size) of every committed blob. Blocking: run it in a thread."""
@@ -167,10 +209,13 @@ class DiskBlobStore(BlobStore):
         self._added(-size, -1)
         return dest
 
-    def _added(self, size: int, count: int = 1) -> None:
+    def _added(self, size: int, count: int = 1, digest: Digest | None = None) -> None:
         self.used_bytes += size
+        self.blob_count += count
+        if self.counting and digest is not None and size > 0:
+            self._during[digest] = size
         metrics.DISK_BYTES.set(self.used_bytes)
-        metrics.DISK_BLOBS.inc(count)
+        metrics.DISK_BLOBS.set(self.blob_count)
 
     async def put(self, digest: Digest, data: bytes) -> Descriptor:
         """Store a small blob held in memory (a manifest) with the same verify-then-rename."""
@@ -272,7 +317,7 @@ class DiskBlobWriter(BlobWriter):
     async def commit(self, expected: Descriptor) -> Descriptor:
         descriptor, new = await asyncio.to_thread(self._commit_sync, expected)
         if new:
-            self._store._added(descriptor.size)
+            self._store._added(descriptor.size, 1, descriptor.digest)
         if self._store.on_commit is not None:
             self._store.on_commit()
         return descriptor

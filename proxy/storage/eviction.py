@@ -208,7 +208,9 @@ class Evictor:
 
         Called during a pass, it asks for one more after it: the running pass planned
         from a snapshot taken before what was committed since."""
-        if self._high is None or self._store.used_bytes <= self._high:
+        if self._high is None or self._store.counting:
+            return  # unbounded, or the start-up count is not done (it calls again)
+        if self._store.used_bytes <= self._high:
             return
         if self._task is not None:
             self._again = True

@@ -203,3 +203,21 @@ async def test_on_commit_hook_runs_after_each_commit(store: DiskBlobStore) -> No
     with pytest.raises(DigestMismatch):
         await store.put(DIGEST, b"wrong")
     assert commits == [len(DATA)]
+
+
+async def test_the_background_count_adds_what_was_there_and_counts_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    before, during = b"stored by a previous run", b"committed while the count runs"
+    first = DiskBlobStore(tmp_path)
+    first.open_store()
+    await first.put(Digest.of(before), before)
+    store = DiskBlobStore(tmp_path)
+    store.prepare()  # what the registry does before it serves
+    assert store.counting and store.used_bytes == 0
+    await store.put(Digest.of(during), during)  # counted now, and seen by the walk too
+    assert store.used_bytes == len(during)
+    await store.count()
+    assert not store.counting
+    assert store.used_bytes == len(before) + len(during)
+    assert store.blob_count == 2
