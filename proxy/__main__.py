@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         _add_options(sub.add_parser(name, help=help_text))
     operator.add_commands(sub, _add_options)
+    operator.add_prewarm(sub, _add_options)
     return parser
 
 
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return asyncio.run(operator.run(args, settings))
+    if args.command == "prewarm":
+        return asyncio.run(operator.prewarm(args, settings))
     return serve(settings)
 
 

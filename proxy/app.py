@@ -19,6 +19,7 @@ from proxy.api import handlers
 from proxy.api.accesslog import AccessLogger
 from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
 from proxy.pullthrough.registry import PullThroughRegistry
+from proxy.pullthrough.warm import PinRefresher
 from proxy.routing import Router
 from proxy.settings import Settings
 
@@ -38,11 +39,16 @@ def create_app(settings: Settings) -> web.Application:
     app[handlers.REGISTRY_KEY] = registry
     app[handlers.ROUTER_KEY] = router
     app[handlers.ACCESS_KEY] = access
+    refresher = PinRefresher(registry, settings.pin_refresh or 0.0)
+    app[handlers.PIN_REFRESHER_KEY] = refresher
 
     async def registry_ctx(_app: web.Application) -> AsyncIterator[None]:
         await registry.open()
         await asyncio.to_thread(access.open)
+        if settings.pin_refresh is not None and settings.pin:
+            refresher.start()
         yield
+        await refresher.close()
         await access.close()
         await registry.close()
 
@@ -61,6 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/admin/cache/evict", handlers.admin_cache_evict)
     app.router.add_post("/admin/cache/gc", handlers.admin_cache_gc)
     app.router.add_post("/admin/cache/verify", handlers.admin_cache_verify)
+    app.router.add_post("/admin/cache/prewarm", handlers.admin_cache_prewarm)
     return app
 
 

@@ -130,6 +130,10 @@ class ArrivingBlob(Protocol):
         """The bytes as they are written, in bounded chunks; raises if it fails."""
         ...
 
+    async def wait_done(self) -> Descriptor:
+        """Wait for the fetch to end: the committed descriptor, or the fetch's error."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class LocalBlob:

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.errors import RegistryError
 from proxy.settings import Settings
 
 PASSWORD_ENV = "REGISTRY_PROXY_ADMIN_PASSWORD"
@@ -213,3 +214,199 @@ def _report(command: str, result: Any, as_json: bool) -> int:
             fixed = " (re-fetched)" if digest in result["repaired"] else ""
             print(f"  quarantined {digest}{fixed} -> {result['quarantine']}")
     return status
+
+
+# --- registry-proxy prewarm -------------------------------------------------------------
+
+
+def add_prewarm(sub: Any, add_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    cmd = sub.add_parser(
+        "prewarm", help="pull images into a running proxy's cache (or a stopped one's directory)"
+    )
+    add_options(cmd)
+    cmd.add_argument(
+        "refs", nargs="*", metavar="REF", help="[<upstream>/]<repository>[:tag|@digest]"
+    )
+    cmd.add_argument("--file", metavar="LIST", help="more references, one a line (# comments)")
+    which = cmd.add_mutually_exclusive_group()
+    which.add_argument("--platform", action="append", metavar="OS/ARCH", help="repeatable")
+    which.add_argument("--all-platforms", action="store_true")
+    cmd.add_argument("--url", help="a running proxy's URL (default: detected)")
+    cmd.add_argument("--user", help="admin user for a running proxy")
+    cmd.add_argument("--password-file", metavar="FILE", help=f"its password (or ${PASSWORD_ENV})")
+    cmd.add_argument("--no-progress", action="store_true", help="one line per image instead")
+
+
+def host_platform() -> str:
+    machine = os.uname().machine
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
+    return f"linux/{arch}"
+
+
+class ProgressView:
+    """A bar per image and an overall one (rich), or plain lines without a terminal."""
+
+    def __init__(self, refs: list[str], *, bars: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bars = bars
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            disable=not bars,
+        )
+        self._overall = self._progress.add_task("[bold]all images", total=len(refs))
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressView:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def event(self, event: dict[str, Any]) -> None:
+        name = str(event.get("name", ""))
+        kind = event.get("event")
+        if kind == "image":
+            self._tasks[name] = self._progress.add_task(name, total=event["total"] or None)
+        elif kind == "progress" and name in self._tasks:
+            self._progress.update(self._tasks[name], completed=event["done"])
+        elif kind == "done":
+            if name in self._tasks:
+                task = self._tasks[name]
+                total = self._progress.tasks[task].total
+                self._progress.update(task, completed=total or event.get("bytes", 0))
+            self._progress.advance(self._overall)
+            line = f"{name}: {'failed: ' + event['error'] if event.get('error') else 'ok'}"
+            if self._bars:
+                self._progress.console.print(line)
+            else:
+                print(line, flush=True)
+
+
+async def prewarm(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.pullthrough.registry import DirectoryBusy, PullThroughRegistry
+
+    refs = list(args.refs)
+    if args.file:
+        text = Path(args.file).read_text()  # noqa: ASYNC240 (CLI, before any work)
+        refs += [line.split("#")[0].strip() for line in text.splitlines()]
+    refs = [ref for ref in refs if ref]
+    if not refs:
+        print("registry-proxy prewarm: no references given", file=sys.stderr)
+        return EXIT_FAILED
+    platforms = None if args.all_platforms else (args.platform or [host_platform()])
+    bars = sys.stderr.isatty() and not args.no_progress
+    failed: list[str] = []
+    with ProgressView(refs, bars=bars) as view:
+        if args.url is None:
+            registry = PullThroughRegistry(settings)
+            try:
+                await registry.open(exclusive=True)
+            except DirectoryBusy:
+                await registry.close()
+            else:
+                try:
+                    failed = await _prewarm_local(registry, settings, refs, platforms, view)
+                finally:
+                    await registry.close()
+                return _prewarm_report(refs, failed)
+        url = args.url or _local_url(settings)
+        password = os.environ.get(PASSWORD_ENV, "")
+        if args.password_file:
+            password = Path(args.password_file).read_text().strip()  # noqa: ASYNC240 (CLI)
+        try:
+            failed = await _prewarm_remote(url, args, password, refs, platforms, view)
+        except (aiohttp.ClientError, OSError, RemoteError) as exc:
+            print(f"registry-proxy prewarm: {url}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return _prewarm_report(refs, failed)
+
+
+async def _prewarm_local(
+    registry: Any,
+    settings: Settings,
+    refs: list[str],
+    platforms: list[str] | None,
+    view: ProgressView,
+) -> list[str]:
+    from proxy.pullthrough.warm import Warmer, split_reference
+    from proxy.routing import Router
+
+    router = Router(settings.upstreams)
+    warmer = Warmer(registry)
+    wanted = None if platforms is None else set(platforms)
+    failed = []
+    for ref in refs:
+        name, reference = split_reference(ref)
+        try:
+            route = router.route(name, None)
+        except RegistryError as exc:
+            view.event({"event": "done", "name": ref, "error": exc.message})
+            failed.append(ref)
+            continue
+        warmed = await warmer.warm(
+            route.upstream, route.repo, reference, name=ref, platforms=wanted, on_event=view.event
+        )
+        if warmed.error is not None:
+            failed.append(ref)
+    return failed
+
+
+async def _prewarm_remote(
+    url: str,
+    args: argparse.Namespace,
+    password: str,
+    refs: list[str],
+    platforms: list[str] | None,
+    view: ProgressView,
+) -> list[str]:
+    auth = aiohttp.BasicAuth(args.user, password) if args.user else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(
+            url.rstrip("/") + "/admin/cache/prewarm",
+            json={"refs": refs, "platforms": platforms},
+            auth=auth,
+        ) as response,
+    ):
+        if response.status == 401:
+            raise RemoteError(
+                f"admin credentials needed: --user and ${PASSWORD_ENV} or --password-file"
+            )
+        if response.status != 200:
+            raise RemoteError(f"{response.status} {(await response.read())[:300]!r}")
+        summary: dict[str, Any] | None = None
+        async for line in response.content:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event.get("event") == "summary":
+                summary = event
+            else:
+                view.event(event)
+    if summary is None:
+        raise RemoteError("the proxy ended the prewarm before its summary")
+    return [str(ref) for ref in summary["failed"]]
+
+
+def _prewarm_report(refs: list[str], failed: list[str]) -> int:
+    if failed:
+        print(f"prewarm: {len(failed)} of {len(refs)} failed:", file=sys.stderr)
+        for ref in failed:
+            print(f"  {ref}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"prewarm: {len(refs)} images cached")
+    return 0

@@ -9,6 +9,7 @@ spec's grammar, routed to an upstream, and handed to the pull-through services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Outcome, Reference
 from proxy.pullthrough.operations import CacheOperations
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
+from proxy.pullthrough.warm import PinRefresher, Warmer, split_reference
 from proxy.routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 REGISTRY_KEY = web.AppKey("registry", PullThroughRegistry)
 ROUTER_KEY = web.AppKey("router", Router)
 ACCESS_KEY = web.AppKey("access", AccessControl)
+PIN_REFRESHER_KEY = web.AppKey("pin_refresher", PinRefresher)
+"""Started only with ``cache.pin_refresh`` and ``cache.pin`` set."""
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -439,3 +443,67 @@ async def admin_cache_verify(request: web.Request) -> web.Response:
     """``cache verify [--repair]`` (``?repair=1``)."""
     await _require_admin(request)
     return web.json_response(await _operations(request).verify(repair=_flag(request, "repair")))
+
+
+MAX_PREWARM_BODY = 1 << 20
+
+
+async def admin_cache_prewarm(request: web.Request) -> web.StreamResponse:
+    """``registry-proxy prewarm``: body ``{"refs": [...], "platforms": [...] | null}``
+    (null: every platform). Answers JSON lines as it goes (``image``, ``progress``,
+    ``done`` per reference, then ``summary``); one failing reference fails only itself."""
+    await _require_admin(request)
+    if (request.content_length or 0) > MAX_PREWARM_BODY:
+        raise Unsupported("prewarm request too large")
+    try:
+        body = await request.json()
+        refs = [str(ref) for ref in body["refs"]]
+        platforms = body.get("platforms")
+        wanted = None if platforms is None else {str(p) for p in platforms}
+    except (ValueError, KeyError, TypeError):
+        raise Unsupported('prewarm takes {"refs": [...], "platforms": [...] | null}') from None
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    events: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
+    router = request.app[ROUTER_KEY]
+    warmer = Warmer(request.app[REGISTRY_KEY])
+
+    async def run() -> list[str]:
+        failed = []
+        for ref in refs:
+            name, reference = split_reference(ref)
+            try:
+                route = router.route(name, None)
+            except RegistryError as exc:
+                events.put_nowait({"event": "done", "name": ref, "error": exc.message})
+                failed.append(ref)
+                continue
+            warmed = await warmer.warm(
+                route.upstream,
+                route.repo,
+                reference,
+                name=ref,
+                platforms=wanted,
+                on_event=events.put_nowait,
+            )
+            if warmed.error is not None:
+                failed.append(ref)
+        return failed
+
+    # The work belongs to the request: a client that hangs up stops it (fetches already
+    # started are the application's and finish on their own, as for any client).
+    task = asyncio.create_task(run(), name="prewarm")
+    task.add_done_callback(lambda _t: events.put_nowait(None))
+    try:
+        while (event := await events.get()) is not None:
+            await response.write(json.dumps(event).encode() + b"\n")
+        failed = await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    summary = {"event": "summary", "refs": len(refs), "failed": failed}
+    await response.write(json.dumps(summary).encode() + b"\n")
+    await response.write_eof()
+    return response

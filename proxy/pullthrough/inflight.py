@@ -70,6 +70,9 @@ class BlobFetch(ArrivingBlob):
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
+    async def wait_done(self) -> Descriptor:
+        return await asyncio.shield(self.done)
+
     async def wait_ready(self) -> None:
         """Wait for the upstream's headers; raises the fetch's error if it failed first."""
         await asyncio.shield(self.ready)

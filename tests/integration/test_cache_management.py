@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import pytest
 
 from proxy import metrics
-from proxy.api.handlers import REGISTRY_KEY
+from proxy.api.handlers import PIN_REFRESHER_KEY, REGISTRY_KEY
 from proxy.pullthrough.registry import PullThroughRegistry
 from tests.rig import oci
 from tests.rig.proxy_app import ProxyUnderTest, proxy_settings_mapping, serve_proxy
@@ -34,10 +37,11 @@ ACCEPT = ", ".join([oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST, oci.DO
 
 @asynccontextmanager
 async def cache_proxy(
-    upstream_url: str, cache_dir: Path, **cache: Any
+    upstream_url: str, cache_dir: Path, extra: dict[str, Any] | None = None, **cache: Any
 ) -> AsyncIterator[ProxyUnderTest]:
     mapping = proxy_settings_mapping(upstream_url, cache_dir)
     mapping["cache"].update(cache)
+    mapping.update(extra or {})
     proxy = await serve_proxy(mapping)
     try:
         yield proxy
@@ -171,12 +175,13 @@ async def test_pinned_images_survive_a_fill_of_three_times_max_size(
     assert failed == []
 
 
-async def run_cli(*args: str) -> tuple[int, str]:
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "proxy",
         *args,
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -220,3 +225,66 @@ async def test_verify_quarantines_a_flipped_byte_and_the_next_pull_fetches_it_ag
             assert oci.sha256_digest(await response.read()) == layer
         await skopeo.pull(proxy.host, "app/verify:latest", tmp_path / "second")
     assert oci.sha256_digest(path.read_bytes()) == layer
+
+
+async def test_prewarm_of_a_two_platform_index_then_every_platform_pulls_offline(
+    tmp_path: Path, registry: Registry, skopeo: Skopeo, http: aiohttp.ClientSession
+) -> None:
+    index = oci.make_index(tmp_path / "multi", layers=2, layer_size=LAYER_SIZE)
+    await skopeo.push(index.oci_ref, registry.host, "team/multi", "latest", all_images=True)
+    password = "prewarm-secret"
+    htpasswd = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    htpasswd.write_text(f"ops:{hashed}\n")
+    mapping_extra = {"auth": {"htpasswd": str(htpasswd)}, "access": {"admins": ["ops"]}}
+    async with cache_proxy(registry.url, tmp_path / "cache", extra=mapping_extra) as proxy:
+        env = {**os.environ, "REGISTRY_PROXY_ADMIN_PASSWORD": password}
+        denied, out = await run_cli(
+            "prewarm", "up/team/multi:latest", "--all-platforms", "--url", proxy.url, env=env
+        )
+        assert denied == 1 and "admin credentials" in out, out
+        status, out = await run_cli(
+            "prewarm",
+            "up/team/multi:latest",
+            "up/team/absent:latest",
+            "--all-platforms",
+            "--url",
+            proxy.url,
+            "--user",
+            "ops",
+            "--no-progress",
+            env=env,
+        )
+        # The missing image is listed as failed and makes the exit status 1; the index
+        # with both platforms was cached all the same.
+        assert status == 1, out
+        assert "up/team/multi:latest: ok" in out and "up/team/absent:latest" in out, out
+        registry.stop()
+        for image in index.images:
+            arch = image.platform.architecture
+            dest = tmp_path / f"offline-{arch}"
+            await skopeo.pull(
+                proxy.host, "team/multi:latest", dest, arch=arch, creds=f"ops:{password}"
+            )
+            blobs = dest / "blobs" / "sha256"
+            assert {p.name for p in blobs.iterdir()} >= {
+                d.removeprefix("sha256:") for d in image.layer_digests
+            }
+
+
+async def test_pin_refresh_caches_a_pinned_tag_nobody_pulled_so_it_pulls_offline(
+    tmp_path: Path, registry: Registry, skopeo: Skopeo
+) -> None:
+    images = await push_images(skopeo, registry, tmp_path / "layouts", ["base/tools"])
+    wanted = {images["base/tools"].config.digest, *images["base/tools"].layer_digests}
+    async with cache_proxy(
+        registry.url, tmp_path / "cache", pin=["up/base/tools:latest"], pin_refresh="1h"
+    ) as proxy:
+        refresher = proxy.app[PIN_REFRESHER_KEY]
+        deadline = time.monotonic() + 60
+        while refresher.rounds == 0:  # the first round runs at start
+            assert time.monotonic() < deadline, "no pin refresh round within 60 s"
+            await asyncio.sleep(0.05)
+        assert all(proxy.blob_path(d).exists() for d in wanted)
+        registry.stop()
+        await skopeo.pull(proxy.host, "base/tools:latest", tmp_path / "offline")
