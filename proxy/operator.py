@@ -14,6 +14,7 @@ failed, 2 for a configuration error.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -68,6 +69,14 @@ def add_commands(sub: Any, add_options: Callable[[argparse.ArgumentParser], None
             cmd.add_argument("--repair", action="store_true", help="re-fetch what was corrupt")
         elif name == "gc":
             cmd.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+
+
+def _basic(user: str | None, password: str) -> dict[str, str]:
+    """The Authorization header for ``user`` (none without one)."""
+    if not user:
+        return {}
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
 def _params(args: argparse.Namespace) -> dict[str, str]:
@@ -142,12 +151,14 @@ class RemoteError(Exception):
 
 async def _remote(url: str, command: str, args: argparse.Namespace, password: str) -> Any:
     method, path = ENDPOINTS[command]
-    auth = aiohttp.BasicAuth(args.user, password) if args.user else None
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=10)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         session.request(
-            method, url.rstrip("/") + path, params=_params(args), auth=auth
+            method,
+            url.rstrip("/") + path,
+            params=_params(args),
+            headers=_basic(args.user, password),
         ) as response,
     ):
         body = await response.read()
@@ -372,14 +383,13 @@ async def _prewarm_remote(
     platforms: list[str] | None,
     view: ProgressView,
 ) -> list[str]:
-    auth = aiohttp.BasicAuth(args.user, password) if args.user else None
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         session.post(
             url.rstrip("/") + "/admin/cache/prewarm",
             json={"refs": refs, "platforms": platforms},
-            auth=auth,
+            headers=_basic(args.user, password),
         ) as response,
     ):
         if response.status == 401:

@@ -96,6 +96,8 @@ class CacheOperations:
         }
 
     async def stats(self) -> dict[str, Any]:
+        await self._registry.counted()
+        await self._evictor.plan()  # also refreshes the bytes-by-state gauges
         catalog = await self._catalog()
         committed = catalog.committed
         in_images = {d for image in catalog.images for d in image.members}
@@ -165,6 +167,8 @@ class CacheOperations:
         now = time.time()
         grace_cutoff = now - settings.gc_grace
         temps = await asyncio.to_thread(self._old_temp_files, grace_cutoff)
+        await self._registry.counted()
+        await self._evictor.plan()  # the bytes-by-state gauges, before
         async with self._evictor.lock:
             catalog = await self._catalog()
             snapshot_used = {

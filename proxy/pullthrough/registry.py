@@ -359,3 +359,13 @@ def _precreate_series(upstreams: list[str]) -> None:
     for route in ("manifest", "blob", "tags", "referrers"):
         for result in ("hit", "miss", "coalesced", "revalidated", "stale", "error"):
             metrics.CACHE_RESPONSES.labels(route, result)
+    for reason in ("size", "manual", "gc", "corrupt"):
+        metrics.EVICTED_BYTES.labels(reason)
+        for kind in ("image", "loose"):
+            metrics.EVICTED_IMAGES.labels(reason, kind)
+    for state in ("pinned", "evictable", "recent"):
+        metrics.CACHE_STATE_BYTES.labels(state)
+    for kind in ("temp", "blob", "image"):
+        metrics.GC_REMOVED.labels(kind)
+    for result in ("ok", "failed"):
+        metrics.PREWARM_IMAGES.labels(result)

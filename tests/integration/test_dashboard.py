@@ -11,6 +11,7 @@ exist, and its upstream answers with Docker Hub's ``ratelimit-*`` headers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -288,6 +289,22 @@ async def run_scenario(
         what="the digest mismatch to be counted",
     )
 
+    # Cache management through the admin API: a pre-warm, gc, verify, stats.
+    ops = {"Authorization": "Basic " + base64.b64encode(b"ops:ops-pw").decode()}
+    async with http.post(
+        f"{proxy.url}/admin/cache/prewarm",
+        json={"refs": [f"up/{REPO}:solo"], "platforms": None},
+        headers=ops,
+    ) as response:
+        assert response.status == 200
+        lines = [json.loads(line) for line in (await response.read()).splitlines()]
+        assert lines[-1] == {"event": "summary", "refs": 1, "failed": []}, lines
+    for path in ("/admin/cache/gc?dry_run=1", "/admin/cache/verify"):
+        async with http.post(proxy.url + path, headers=ops) as response:
+            assert response.status == 200, path
+    async with http.get(proxy.url + "/admin/cache/stats", headers=ops) as response:
+        assert (await response.json())["images"] >= 2
+
     # The upstream goes away: the tag is served stale (tag_ttl 0 forces revalidation).
     upstream.mode = "refuse"
     await skopeo.pull(proxy.host, f"{REPO}:v1", tmp_path / "stale")
@@ -380,6 +397,8 @@ async def test_every_dashboard_expression_returns_data(
         'sum(registry_proxy_access_decisions_total{decision="deny"})': lambda v: v >= 1,
         'sum(registry_proxy_access_decisions_total{reason="public"})': lambda v: v >= 1,
         'sum(registry_proxy_identity_usage_total{counter="requests"})': lambda v: v >= 1,
+        'sum(registry_proxy_prewarm_images_total{result="ok"})': lambda v: v >= 1,
+        'sum(registry_proxy_cache_state_bytes{state="recent"})': lambda v: v > 0,
     }
     wrong: list[str] = []
     for expr, check in expected.items():
