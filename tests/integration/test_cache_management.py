@@ -22,6 +22,8 @@ import pytest
 
 from proxy import metrics
 from proxy.api.handlers import PIN_REFRESHER_KEY, REGISTRY_KEY
+from proxy.errors import BlobUnknown
+from proxy.model import Digest
 from proxy.pullthrough.registry import PullThroughRegistry
 from tests.rig import oci
 from tests.rig.proxy_app import ProxyUnderTest, proxy_settings_mapping, serve_proxy
@@ -115,9 +117,20 @@ def evicted_images() -> float:
     )
 
 
+@pytest.mark.parametrize("shared", ["sqlite", "redis"])
 async def test_fill_past_max_size_while_clients_pull_then_every_tag_is_whole_or_absent(
-    tmp_path: Path, registry: Registry, skopeo: Skopeo, http: aiohttp.ClientSession
+    tmp_path: Path,
+    registry: Registry,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+    request: pytest.FixtureRequest,
+    shared: str,
 ) -> None:
+    """With the embedded state (SQLite) and with a real redis-server holding tags, links
+    and descriptors: every layer forgets what eviction removed."""
+    extra: dict[str, Any] = {}
+    if shared == "redis":
+        extra["redis"] = request.getfixturevalue("redis_server").url
     repos = [f"fill/app{i}" for i in range(24)]
     images = await push_images(skopeo, registry, tmp_path / "layouts", repos)
     image_bytes = sum(
@@ -127,7 +140,7 @@ async def test_fill_past_max_size_while_clients_pull_then_every_tag_is_whole_or_
     max_size = image_bytes // 3  # the images are three times what the cache may keep
     before = evicted_images()
     async with cache_proxy(
-        registry.url, tmp_path / "cache", max_size=max_size, min_age="0s"
+        registry.url, tmp_path / "cache", max_size=max_size, min_age="0s", **extra
     ) as proxy:
         failed = await pull_all(skopeo, proxy.host, [f"{r}:latest" for r in repos], tmp_path)
         reg = registry_of(proxy)
@@ -135,6 +148,16 @@ async def test_fill_past_max_size_while_clients_pull_then_every_tag_is_whole_or_
         used = reg.store.used_bytes
         registry.stop()
         answers = {repo: await offline_answer(http, proxy, repo) for repo in repos}
+        # No layer still says "present" for what is gone: the tag stores (memory, and
+        # SQLite or Redis) forgot the tags, the descriptor caches the blobs.
+        for repo, answer in answers.items():
+            if answer != "not cached":
+                continue
+            assert await reg.tags.get("up", repo, "latest") is None, repo
+            for layer in images[repo].layer_digests:
+                if not proxy.blob_path(layer).exists():
+                    with pytest.raises(BlobUnknown):
+                        await reg.descriptors.stat(Digest.parse(layer))
     evictions = evicted_images() - before
     print(
         f"fill-and-evict: {image_bytes} bytes pulled into max_size {max_size};"
