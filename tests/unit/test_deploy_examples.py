@@ -1,13 +1,19 @@
-"""The runtime configurations in deploy/ load, and agree with each other.
+"""The runtime configurations in deploy/ load, and agree with each other and the README.
 
 Every ``deploy/containerd/<registry>/hosts.toml`` (its active host and its commented
 ``override_path`` variant) must reach the upstream of ``deploy/registry-proxy.multi.yaml``
 that serves ``<registry>``: by ``ns`` alone, or by ``ns`` plus a ``/v2/<upstream-name>``
 prefix naming the same upstream.
+
+The README's copy-paste client configurations (containerd's hosts.toml, Docker's
+daemon.json, podman's registries.conf) are the files in deploy/, which are what the
+integration tests run the clients with (the proxy's address put in).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,11 @@ import yaml
 
 from proxy.routing import Router
 from proxy.settings import Settings
+from tests.rig.containerd import hosts_toml
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+README = ROOT / "README.md"
 MULTI = DEPLOY / "registry-proxy.multi.yaml"
 REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "registry.example.com")
 EXPECTED_UPSTREAM = {
@@ -99,3 +108,34 @@ def test_containerd_hosts_toml_reaches_the_right_upstream(registry: str, tmp_pat
             route = router.route(name, registry)
             assert route.upstream.name == EXPECTED_UPSTREAM[registry], url
             assert route.repo == "team/app", (url, route.repo)
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in ``language``, de-indented."""
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^\1```", README.read_text(), flags=re.M | re.S)
+    return ["\n".join(line[len(indent) :] for line in body.splitlines()) for indent, body in blocks]
+
+
+def test_readme_daemon_json_is_deploys() -> None:
+    (block,) = [b for b in readme_blocks("json") if "registry-mirrors" in b]
+    assert json.loads(block) == json.loads((DEPLOY / "docker" / "daemon.json").read_text())
+
+
+def test_readme_podman_registries_conf_is_deploys() -> None:
+    (block,) = [b for b in readme_blocks("toml") if "registry.mirror" in b]
+    deployed = tomllib.loads((DEPLOY / "podman" / "registries.conf").read_text())
+    assert tomllib.loads(block) == deployed
+    assert deployed["registry"][0]["location"] == "docker.io"
+    assert deployed["registry"][0]["mirror"] == [
+        {"location": "registry-proxy.internal:5000", "insecure": True}
+    ]
+
+
+def test_readme_hosts_toml_is_deploys_and_the_rigs() -> None:
+    """The README's docker.io hosts.toml is deploy/'s, and the one the containerd tests
+    write (tests/rig/containerd.py), but for the addresses."""
+    (block,) = [b for b in readme_blocks("toml") if "capabilities" in b]
+    deployed = (DEPLOY / "containerd" / "docker.io" / "hosts.toml").read_text()
+    assert tomllib.loads(block) == tomllib.loads(deployed)
+    rig = hosts_toml("http://registry-proxy.internal:5000", "https://registry-1.docker.io")
+    assert tomllib.loads(rig) == tomllib.loads(block)
