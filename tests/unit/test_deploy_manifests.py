@@ -33,6 +33,7 @@ DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "registry-proxy.
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
+VENV = "/opt/registry-proxy"
 KUSTOMIZATIONS = ("overlays/shared", "overlays/per-node", "sidecar")
 PROXY_IMAGE = "registry-proxy"
 PROXY_PORT = 5000
@@ -215,7 +216,12 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_paths_user_and_healthcheck() -> None:
     instructions = dockerfile_instructions()
-    copies = [shlex.split(args) for word, args in instructions if word == "COPY"]
+    # COPY from the build context (a COPY --from=<stage> copies between stages).
+    copies = [
+        shlex.split(args)
+        for word, args in instructions
+        if word == "COPY" and not args.startswith("--from")
+    ]
     for *sources, _ in copies:
         for source in sources:
             if not source.startswith("--"):
@@ -232,13 +238,37 @@ def test_dockerfile_paths_user_and_healthcheck() -> None:
     assert user.split(":")[0] not in ("root", "0")
     health = next(args for word, args in instructions if word == "HEALTHCHECK")
     probe = json.loads(health[health.index("CMD") + len("CMD") :])
-    assert probe[:2] == ["python", "-c"]
+    assert probe[:2] == [f"{VENV}/bin/python", "-c"]
     compile(probe[2], "HEALTHCHECK", "exec")
-    assert f"127.0.0.1:{settings.listen_port}/healthz" in probe[2]
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert f"'127.0.0.1:{settings.listen_port}'" in probe[2] and "/healthz" in probe[2]
+    assert "REGISTRY_PROXY_LISTEN" in probe[2]
+    env = " ".join(args for word, args in instructions if word == "ENV")
+    assert f"PATH={VENV}/bin:" in env
+    # Both builders get the same allow-list: the classic one reads .dockerignore,
+    # BuildKit deploy/Dockerfile.dockerignore.
+    ignores = [
+        [line for line in path.read_text().splitlines() if not line.startswith("#")]
+        for path in (ROOT / ".dockerignore", DEPLOY / "Dockerfile.dockerignore")
+    ]
+    assert ignores[0] == ignores[1]
     for *sources, _ in copies:
         for source in sources:
-            assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignore}, source
+            if not source.startswith("--"):
+                assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignores[0]}
+
+
+def test_dockerfile_needs_no_registry_but_its_base() -> None:
+    """No ``# syntax=`` directive (BuildKit would fetch a frontend from Docker Hub), no
+    BuildKit-only ``RUN --mount``; every stage starts from ``BASE_IMAGE`` (a build arg
+    with the official slim image as its default)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
+    instructions = dockerfile_instructions()
+    assert not any(word == "RUN" and "--mount" in args for word, args in instructions)
+    args = [args for word, args in instructions if word == "ARG"]
+    assert "BASE_IMAGE=python:3.12-slim" in args
+    froms = [args.split()[0] for word, args in instructions if word == "FROM"]
+    assert froms and set(froms) == {"${BASE_IMAGE}"}
 
 
 # --------------------------------------------------------------------------- kubernetes
