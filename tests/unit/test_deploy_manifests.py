@@ -32,6 +32,7 @@ DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "registry-proxy.yaml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 VENV = "/opt/registry-proxy"
 KUSTOMIZATIONS = ("overlays/shared", "overlays/per-node", "sidecar")
@@ -178,6 +179,11 @@ def test_compose_stack_is_wired() -> None:
                 assert source in compose["volumes"], f"{name}: volume {source} not declared"
     prometheus_mounts = dict(bind_mounts(services["prometheus"]))
     assert prometheus_mounts[COMPOSE_PROMETHEUS] == "/etc/prometheus/prometheus.yml"
+    # The rule files, relative to prometheus.yml, are mounted beside it.
+    for rule_file in load_yaml(COMPOSE_PROMETHEUS)["rule_files"]:
+        assert prometheus_mounts[COMPOSE_PROMETHEUS.parent / rule_file] == (
+            f"/etc/prometheus/{rule_file}"
+        )
     # The datasource points at the prometheus service, the scrape at the proxy service.
     datasource = provisioned_datasource()
     assert datasource["url"] == "http://prometheus:9090"
@@ -197,6 +203,47 @@ def test_compose_environment_overrides_the_image_configuration() -> None:
     )
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.listen_port == PROXY_PORT
+
+
+def proxy_metric_names() -> set[str]:
+    """Every sample name the proxy's metrics expose (counters with ``_total``,
+    histograms with ``_bucket``/``_sum``/``_count``...)."""
+    from prometheus_client import REGISTRY
+
+    import proxy.metrics  # noqa: F401  # registers them
+
+    return {
+        sample.name
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name.startswith("registry_proxy_")
+    } | {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("registry_proxy_")
+        for suffix in ("", "_total", "_bucket", "_sum", "_count", "_info")
+    }
+
+
+def test_alert_rules_use_only_metrics_the_proxy_exposes() -> None:
+    rules = load_yaml(ALERTS)
+    names = proxy_metric_names()
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len(alerts) == 7
+    for rule in alerts:
+        used = set(re.findall(r"registry_proxy_[a-z_]+", rule["expr"]))
+        assert used, rule["alert"]
+        assert used <= names, (rule["alert"], used - names)
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    tests = load_yaml(ALERTS.parent / "alerts.test.yml")
+    tested = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert tested == {rule["alert"] for rule in alerts}, "every alert has a firing test"
 
 
 # --------------------------------------------------------------------------- Dockerfile
