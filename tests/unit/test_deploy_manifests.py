@@ -449,7 +449,25 @@ def check_proxy_container(
 def test_shared_overlay_replicas_share_redis() -> None:
     objects, _ = kustomize(KUBERNETES / "overlays" / "shared")
     (deployment,) = [o for o in by_kind(objects, "Deployment") if proxy_containers(o)]
-    assert deployment["spec"]["replicas"] >= 2
+    # The autoscaler owns the replica count (a replicas field would fight it).
+    assert "replicas" not in deployment["spec"]
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (pdb,) = by_kind(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == (
         "true"
     )
