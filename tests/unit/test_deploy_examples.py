@@ -139,3 +139,49 @@ def test_readme_hosts_toml_is_deploys_and_the_rigs() -> None:
     assert tomllib.loads(block) == tomllib.loads(deployed)
     rig = hosts_toml("http://registry-proxy.internal:5000", "https://registry-1.docker.io")
     assert tomllib.loads(rig) == tomllib.loads(block)
+
+
+def systemd_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> values (a key may repeat) of a systemd unit file."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_systemd_unit_is_hardened_and_agrees_with_the_configuration() -> None:
+    service = systemd_unit(DEPLOY / "systemd" / "registry-proxy.service")["Service"]
+    argv = service["ExecStart"][0].split()
+    assert argv[1:3] == ["serve", "--config"]
+    config_path = Path(argv[3])
+    assert config_path.parent == Path("/etc") / service["ConfigurationDirectory"][0]
+    # The configuration installed there is deploy/registry-proxy.yaml: its cache.dir is
+    # the unit's CacheDirectory, the one writable place besides the StateDirectory.
+    settings = Settings.from_mapping(
+        yaml.safe_load((DEPLOY / "registry-proxy.yaml").read_text()), environ={}
+    )
+    assert settings.cache_dir == Path("/var/cache") / service["CacheDirectory"][0]
+    sysusers = (DEPLOY / "systemd" / "registry-proxy.sysusers").read_text().split("\n")
+    (user_line,) = [line for line in sysusers if line.startswith("u ")]
+    assert user_line.split()[1] == service["User"][0] == service["Group"][0]
+    assert service["StateDirectory"] == service["CacheDirectory"]
+    for key, value in {
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictSUIDSGID": "yes",
+    }.items():
+        assert service[key] == [value], key
+    # A configuration error (exit 2) is not restarted.
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["2"]
