@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import metrics
+from proxy.access.bounded import Bounded
 from proxy.access.htpasswd import Htpasswd
 from proxy.access.identity import (
     Credential,
@@ -63,6 +65,8 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("proxy.audit")
 
 IDENTITY_KEY = web.RequestKey("identity", Identity)
+HEADER_TTL = 60.0
+MAX_HEADERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class AccessControl:
             or settings.access.rules != DEFAULT_RULES
         )
         self.tokens: TokenService | None = None
+        self._headers: Bounded[str, tuple[Identity, float, int]] = Bounded(MAX_HEADERS)
         self._token_settings = auth.token
         self._cache_dir = settings.cache_dir
         self._realm = auth.token.realm
@@ -148,9 +153,12 @@ class AccessControl:
             identity = Identity("anonymous", address)
             request[IDENTITY_KEY] = identity
             return identity
+        header = request.headers.get("Authorization")
         try:
-            presented = parse_authorization(request.headers.get("Authorization"))
-            identity = await self._identity(presented, address)
+            if header is None:
+                identity = Identity("anonymous", address)
+            else:
+                identity = await self._remembered(header, address)
         except Unauthorized as exc:
             metrics.ACCESS_DECISIONS.labels("deny", "bad_credentials").inc()
             audit.warning(
@@ -172,15 +180,39 @@ class AccessControl:
         forwarded = ", ".join(request.headers.getall("X-Forwarded-For", [])) or None
         return client_address(request.remote, forwarded, self._trusted)
 
-    async def _identity(self, presented: Presented | None, address: str) -> Identity:
+    async def _remembered(self, header: str, address: str) -> Identity:
+        """The identity an ``Authorization`` value stands for, remembered for
+        ``HEADER_TTL`` (a token: until it expires; a local user: until the htpasswd file
+        changes), so a client sending the same header on every request is looked at once.
+        Only accepted headers are remembered; a refused one is checked again each time."""
+        now = time.monotonic()
+        version = self.htpasswd.version() if self.htpasswd is not None else 0
+        known = self._headers.get(header)
+        if known is not None and known[1] > now and known[2] == version:
+            template = known[0]
+            return Identity(
+                template.kind,
+                address,
+                template.name,
+                template.groups,
+                template.credential,
+                template.fingerprint,
+                template.grants,
+            )
+        identity, lifetime = await self._identity(parse_authorization(header), address)
+        self._headers[header] = (identity, now + min(HEADER_TTL, lifetime), version)
+        return identity
+
+    async def _identity(self, presented: Presented | None, address: str) -> tuple[Identity, float]:
+        """The identity and how long it may be remembered, in seconds."""
         if presented is None:
-            return Identity("anonymous", address)
+            return Identity("anonymous", address), HEADER_TTL
         if presented.scheme == "bearer":
             assert presented.token is not None and self.tokens is not None
             claims = self.tokens.verify(presented.token)
             name = claims.subject if claims.kind == "user" else None
             groups = self.rules.groups_of(name) if name else frozenset()
-            return Identity(
+            identity = Identity(
                 claims.kind,
                 address,
                 name,
@@ -188,9 +220,10 @@ class AccessControl:
                 fingerprint=claims.fingerprint,
                 grants=claims.grants,
             )
+            return identity, claims.expires - time.time()
         credential = presented.credential
         assert credential is not None
-        return await self.login(credential, address)
+        return await self.login(credential, address), HEADER_TTL
 
     async def login(self, credential: Credential, address: str) -> Identity:
         """A local user when the name is one (wrong password: ``Unauthorized``), else a
@@ -295,9 +328,7 @@ class AccessControl:
         if not self.engaged:
             return identity
         decision = await self.decide(identity, upstream, repo, reference)
-        metrics.ACCESS_DECISIONS.labels(
-            "allow" if decision.allowed else "deny", decision.reason
-        ).inc()
+        _count(decision)
         if decision.allowed:
             return identity
         self.usage.add(identity.key, identity.label, "denials")
@@ -379,9 +410,7 @@ class AccessControl:
             except RegistryError:
                 continue
             decision = await self.decide(identity, route.upstream, route.repo, None)
-            metrics.ACCESS_DECISIONS.labels(
-                "allow" if decision.allowed else "deny", decision.reason
-            ).inc()
+            _count(decision)
             if decision is DENY_PASSTHROUGH:
                 refused_passthrough += 1
             if decision.allowed:
@@ -452,6 +481,18 @@ class AccessControlledBlobs(RepositoryBlobs):
     async def open(self, digest: Digest) -> OpenedBlob:
         await self._authorize()
         return await self._inner.open(digest)
+
+
+_COUNTERS: dict[Decision, Any] = {}
+
+
+def _count(decision: Decision) -> None:
+    """Count a decision; the labelled child is looked up once per decision."""
+    counter = _COUNTERS.get(decision)
+    if counter is None:
+        label = "allow" if decision.allowed else "deny"
+        counter = _COUNTERS[decision] = metrics.ACCESS_DECISIONS.labels(label, decision.reason)
+    counter.inc()
 
 
 def _precreate_series(engaged: bool, limits: LimitSettings) -> None:

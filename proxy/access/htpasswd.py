@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bcrypt
-from cachetools import LRUCache
 
+from proxy.access.bounded import Bounded
 from proxy.errors import TooManyRequests
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,11 @@ class Htpasswd:
         self._clock = clock
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, int] | None = None
+        self._version = 0
         self._checked = -RELOAD_INTERVAL
         self._key = os.urandom(32)
-        self._verified: LRUCache[bytes, str] = LRUCache(MAX_REMEMBERED)
-        self._failures: LRUCache[str, list[float]] = LRUCache(MAX_REMEMBERED)
+        self._verified: Bounded[bytes, str] = Bounded(MAX_REMEMBERED)
+        self._failures: Bounded[str, list[float]] = Bounded(MAX_REMEMBERED)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self._waiting = 0
         self._warned = False
@@ -61,6 +62,11 @@ class Htpasswd:
     def load(self) -> None:
         """Read the file now; raises OSError when it cannot be read (at start-up)."""
         self._read(self._path.stat())
+
+    def version(self) -> int:
+        """A number that changes whenever the file is read again (re-read first if due)."""
+        self._maybe_reload()
+        return self._version
 
     def users(self) -> frozenset[str]:
         self._maybe_reload()
@@ -145,6 +151,7 @@ class Htpasswd:
             )
         self._users = users
         self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self._version += 1
         self._verified.clear()
         self._warned = False
         log.info("htpasswd file %s: %d user(s)", self._path, len(users))

@@ -34,9 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cachetools import LRUCache
-
 from proxy import metrics
+from proxy.access.bounded import Bounded
 from proxy.cache.redis import RedisLayer
 from proxy.errors import TooManyRequests
 from proxy.settings import Rate
@@ -113,7 +112,7 @@ class Bucket:
         self._slack = min(self._interval / 2, SLACK)
         self._redis = redis
         self._clock = clock
-        self._local: LRUCache[str, float] = LRUCache(MAX_KEYS)
+        self._local: Bounded[str, float] = Bounded(MAX_KEYS)
         self._script: Any = None
 
     async def take(self, key: str, cost: int = 1) -> Verdict:
@@ -184,7 +183,8 @@ class Usage:
     def __init__(self, redis: RedisLayer | None, *, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._clock = clock
-        self._totals: LRUCache[str, IdentityUsage] = LRUCache(MAX_KEYS)
+        self._totals: Bounded[str, IdentityUsage] = Bounded(MAX_KEYS)
+        self._children: dict[tuple[str, str], Any] = {}  # labels are bounded: users, kinds
         self._pending: dict[str, dict[str, int]] = {}
         self._labels: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
@@ -201,8 +201,11 @@ class Usage:
             self._labels[key] = label
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._flush_later())
-        if counter in ("requests", "cache_bytes", "upstream_bytes", "denials", "limited"):
-            metrics.IDENTITY_USAGE.labels(label, counter).inc(amount)
+        child = self._children.get((label, counter))
+        if child is None:
+            child = metrics.IDENTITY_USAGE.labels(label, counter)
+            self._children[(label, counter)] = child
+        child.inc(amount)
 
     async def _flush_later(self) -> None:
         try:

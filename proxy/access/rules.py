@@ -16,8 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cachetools import LRUCache
-
+from proxy.access.bounded import Bounded
 from proxy.settings import AccessRule
 
 USER_PLACEHOLDER = "${user}"
@@ -83,7 +82,7 @@ class Rules:
         for group, members in groups.items():
             for user in members:
                 self._members[user] = self._members.get(user, frozenset()) | {group}
-        self._cache: LRUCache[tuple[str, str | None], Grant | None] = LRUCache(MAX_CACHED)
+        self._cache: Bounded[tuple[str, str | None], Grant | None] = Bounded(MAX_CACHED)
 
     def groups_of(self, user: str) -> frozenset[str]:
         return self._members.get(user, frozenset())

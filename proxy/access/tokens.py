@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cachetools import LRUCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from proxy.access.bounded import Bounded
 from proxy.access.identity import IdentityKind
 from proxy.errors import Unauthorized
 
@@ -65,7 +65,7 @@ class TokenService:
         self._public = key.public_key()
         self._algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
         self._clock = clock
-        self._verified: LRUCache[str, TokenClaims] = LRUCache(MAX_REMEMBERED)
+        self._verified: Bounded[str, TokenClaims] = Bounded(MAX_REMEMBERED)
 
     @classmethod
     def from_settings(

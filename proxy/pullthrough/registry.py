@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -121,13 +122,14 @@ def build_repository_blobs(
     return service
 
 
-class DirectoryBusy(RuntimeError):
+class DirectoryBusy(OSError):
     """The cache directory's lock is held: by a running proxy (for the CLI), or by an
-    operator command (for a proxy starting)."""
+    operator command (for a proxy starting). An OSError (EBUSY), so ``serve`` reports it
+    as the start-up error it is."""
 
     def __init__(self, directory: Path, exclusive: bool) -> None:
         holder = "a running proxy" if exclusive else "an operator command (registry-proxy cache)"
-        super().__init__(f"{directory} is in use by {holder}")
+        super().__init__(errno.EBUSY, f"{directory} is in use by {holder}")
         self.directory = directory
 
 

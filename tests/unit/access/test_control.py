@@ -3,18 +3,25 @@ behind trusted proxies."""
 
 from __future__ import annotations
 
+import base64
+import os
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from proxy.access.control import AccessControl
+from proxy.access.htpasswd import RELOAD_INTERVAL, Htpasswd
+from proxy.errors import Unauthorized
 from proxy.routing import Router
 from proxy.settings import Settings
 from proxy.upstream.client import UpstreamClient
+from tests.unit.clock import Clock
 
 
 def no_client(name: str) -> UpstreamClient:
@@ -78,3 +85,48 @@ def test_a_second_forwarded_for_header_line_is_part_of_the_chain() -> None:
     request = from_proxy([("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.9")])
 
     assert access.address(request) == "203.0.113.9"
+
+
+# --- remembered Authorization headers -------------------------------------------------
+
+
+def _hash(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
+async def test_a_remembered_header_is_forgotten_when_the_htpasswd_file_changes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text(f"alice:{_hash('pw')}\n")
+    access = control({**PUBLIC_ONLY, "auth": {"htpasswd": str(path)}})
+    clock = Clock()
+    access.htpasswd = Htpasswd(path, clock=clock)
+    access.htpasswd.load()
+    header = "Basic " + base64.b64encode(b"alice:pw").decode()
+
+    def request() -> web.Request:
+        return make_mocked_request("GET", "/v2/", headers={"Authorization": header})
+
+    assert (await access.identify(request())).name == "alice"
+    assert (await access.identify(request())).name == "alice"  # remembered
+    path.write_text(f"bob:{_hash('pw')}\n")
+    os.utime(path, ns=(1, 1))
+    clock.advance(RELOAD_INTERVAL)
+    # alice is gone: her header is decided again and refused (no upstream passes through).
+    with pytest.raises(Unauthorized):
+        await access.identify(request())
+
+
+async def test_a_refused_header_is_not_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text(f"alice:{_hash('right')}\n")
+    access = control({**PUBLIC_ONLY, "auth": {"htpasswd": str(path)}})
+    access.htpasswd = Htpasswd(path)
+    access.htpasswd.load()
+    header = "Basic " + base64.b64encode(b"alice:wrong").decode()
+    for _ in range(2):
+        request = make_mocked_request("GET", "/v2/", headers={"Authorization": header})
+        with pytest.raises(Unauthorized):
+            await access.identify(request)
+    assert header not in access._headers
