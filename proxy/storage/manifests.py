@@ -63,6 +63,10 @@ class ManifestStore:
             return None
         metrics.CACHE_LOOKUPS.labels("manifest", "disk", "hit").inc()
         media_type = sniff_media_type(body) or MEDIA_TYPE_OCTET_STREAM
+        if self._index is not None:
+            # A cold read (rare: the L1 holds manifests) also heals an index that never
+            # saw this manifest (a cache from before the index). Idempotent.
+            await self._index.record_manifest(digest, media_type, len(body), references(body))
         manifest = StoredManifest(digest, media_type, body)
         self._memory[digest] = manifest
         return manifest

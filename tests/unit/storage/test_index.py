@@ -3,10 +3,13 @@ and the images built from them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from proxy.model import Digest
+from proxy.storage.disk import DiskBlobStore
 from proxy.storage.index import CacheIndex, build_images
+from proxy.storage.manifests import ManifestStore
 from tests.unit.clock import Clock
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -65,3 +68,18 @@ async def test_access_times_are_written_in_batches_and_survive_a_reopen(tmp_path
         assert d("m") not in after.manifests and d("l") not in after.used and not after.pulls
     finally:
         reopened.close_sync()
+
+
+async def test_a_cold_read_indexes_a_manifest_stored_before_the_index(tmp_path: Path) -> None:
+    store = DiskBlobStore(tmp_path)
+    store.open_store()
+    body = json.dumps({"mediaType": OCI_MANIFEST, "layers": [{"digest": str(d("l"))}]}).encode()
+    await ManifestStore(store).put(Digest.of(body), OCI_MANIFEST, body)  # no index then
+    index = CacheIndex(tmp_path)
+    index.open_sync()
+    try:
+        assert Digest.of(body) not in (await index.snapshot()).manifests
+        assert await ManifestStore(store, index=index).get(Digest.of(body)) is not None
+        assert (await index.snapshot()).manifests[Digest.of(body)] == (d("l"),)
+    finally:
+        index.close_sync()
