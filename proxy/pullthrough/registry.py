@@ -173,7 +173,9 @@ class PullThroughRegistry:
         self.directory_lock = DirectoryLock(settings.cache_dir)
         self.index = CacheIndex(settings.cache_dir)
         self.store.on_use = lambda digest: self.index.times.touch((digest,))
-        self.manifest_store = ManifestStore(self.store, index=self.index)
+        self.manifest_store = ManifestStore(
+            self.store, index=self.index, before_put=lambda d: self.evictor.settled(d)
+        )
         ttls = {up.name: up.tag_ttl for up in settings.upstreams}
         # L2 for tags and links: Redis when configured (shared by replicas), else the
         # SQLite file beside the blobs (survives restarts on the embedded defaults).
@@ -190,7 +192,7 @@ class PullThroughRegistry:
             lambda name: ttls.get(name, 0.0),
             l2_layer="disk" if self.redis is None else "redis",
         )
-        self.tags: TagService = IndexedTagStore(tiered, self.index)
+        self.tags: TagService = IndexedTagStore(tiered, self.index, self._manifest_on_disk)
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
         self.pins = Pins(settings.pin)
@@ -240,6 +242,11 @@ class PullThroughRegistry:
             self.upstreams[up.name] = UpstreamServices(
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
             )
+
+    async def _manifest_on_disk(self, digest: Digest) -> bool:
+        """Whether ``digest`` is on disk once no removal of it is under way."""
+        await self.evictor.settled(digest)
+        return await asyncio.to_thread(self.store.path(digest).exists)
 
     async def _count(self, *, evict: bool) -> None:
         started = time.perf_counter()

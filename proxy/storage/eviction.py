@@ -189,6 +189,7 @@ class Evictor:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._removing: dict[Digest, asyncio.Event] = {}
         self.lock = asyncio.Lock()
         """Held by a pass; operations that remove content (GC, ``cache evict``) take it."""
         self.pins_over_limit = False
@@ -305,6 +306,15 @@ class Evictor:
                 return False
         return True
 
+    async def settled(self, digest: Digest) -> None:
+        """Return once no removal of ``digest`` is under way."""
+        while (removing := self._removing.get(digest)) is not None:
+            await removing.wait()
+
+    async def _forget_tags(self, digests: list[Digest]) -> None:
+        for tag, manifest in await self._index.tags_of(digests):
+            await self._layers.forget_tag(tag, manifest)
+
     async def remove(self, victim: Victim, reason: str, *, check: bool = True) -> int | None:
         """Remove one victim from every layer; the bytes freed, or None when it was used
         meanwhile (``check``: the recency check; manual eviction passes False)."""
@@ -312,16 +322,24 @@ class Evictor:
         watched = victim.digests if image is None else [*image.manifests, *victim.digests]
         if check and not self._still_idle(watched):
             return None
-        if image is not None:
-            removed = set(victim.digests)
-            for tag, manifest in image.tagged:
-                if manifest in removed:
-                    await self._layers.forget_tag(tag, manifest)
-        before = self._store.used_bytes
-        await self._index.forget(victim.digests)
+        # While it runs, a manifest put or a tag set for these digests waits (``settled``):
+        # a client re-pulling the image meanwhile stores it anew after, never half of it
+        # before. Tags first, read from the index now (one recorded since the plan counts).
+        done = asyncio.Event()
         for digest in victim.digests:
-            await self._layers.forget_content(digest)
-            await self._store.delete(digest)
+            self._removing[digest] = done
+        try:
+            await self._forget_tags(victim.digests)
+            before = self._store.used_bytes
+            await self._index.forget(victim.digests)
+            for digest in victim.digests:
+                await self._layers.forget_content(digest)
+                await self._store.delete(digest)
+        finally:
+            for digest in victim.digests:
+                if self._removing.get(digest) is done:
+                    del self._removing[digest]
+            done.set()
         if image is not None:
             for upstream, repo in image.repos:
                 await self._layers.unlink(upstream, repo, victim.digests)

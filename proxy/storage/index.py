@@ -37,7 +37,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -291,6 +291,21 @@ class CacheIndex:
             None,
         )
 
+    async def tags_of(self, digests: Iterable[Digest]) -> list[tuple[TagName, Digest]]:
+        """The tags naming any of ``digests``, read now (not from a snapshot)."""
+        names = [str(d) for d in digests]
+
+        def read(db: sqlite3.Connection) -> list[tuple[TagName, Digest]]:
+            found = []
+            for name in names:
+                for upstream, repo, tag in db.execute(
+                    "SELECT upstream, repo, tag FROM tags WHERE digest = ?", (name,)
+                ):
+                    found.append(((upstream, repo, tag), Digest.parse(name)))
+            return found
+
+        return await self._run(read, [])
+
     def flush_sync(self) -> None:
         """``flush`` for a caller without an event loop (the CLI)."""
         used, pulls = self.times.drain()
@@ -376,11 +391,22 @@ class CacheIndex:
 
 class IndexedTagStore(TagService):
     """A tag store that also tells the index which manifest each tag names (so eviction
-    can forget the tags of what it removes, and pins can be matched)."""
+    can forget the tags of what it removes, and pins can be matched).
 
-    def __init__(self, inner: TagService, index: CacheIndex) -> None:
+    A tag is recorded after its manifest is stored; an eviction may remove the manifest
+    in between. So ``set`` asks ``present`` after recording (which waits for a removal
+    under way, ``Evictor.settled``) and forgets the tag if its manifest is gone: no tag
+    is left naming a manifest that is not on disk."""
+
+    def __init__(
+        self,
+        inner: TagService,
+        index: CacheIndex,
+        present: Callable[[Digest], Awaitable[bool]] | None = None,
+    ) -> None:
         self._inner = inner
         self._index = index
+        self._present = present
 
     async def get(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
         return await self._inner.get(upstream, repo, tag)
@@ -388,6 +414,8 @@ class IndexedTagStore(TagService):
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         await self._index.record_tag(upstream, repo, tag, entry.digest)
         await self._inner.set(upstream, repo, tag, entry)
+        if self._present is not None and not await self._present(entry.digest):
+            await self.delete(upstream, repo, tag, entry.digest)
 
     async def delete(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
         await self._inner.delete(upstream, repo, tag, digest)

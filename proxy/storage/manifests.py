@@ -12,6 +12,7 @@ that commit never takes the blobs of an image that is being pulled.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -44,9 +45,12 @@ class ManifestStore:
         max_memory_bytes: int = DEFAULT_MEMORY_BYTES,
         *,
         index: CacheIndex | None = None,
+        before_put: Callable[[Digest], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._index = index
+        self._before_put = before_put
+        """Awaited before a put: an eviction removing the digest finishes first."""
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(max_memory_bytes, getsizeof=_size)
 
     async def get(self, digest: Digest) -> StoredManifest | None:
@@ -73,6 +77,8 @@ class ManifestStore:
 
     async def put(self, digest: Digest, media_type: str, body: bytes) -> StoredManifest:
         """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs."""
+        if self._before_put is not None:
+            await self._before_put(digest)
         children = references(body) if self._index is not None else []
         if self._index is not None:
             self._index.times.touch([digest, *children])
