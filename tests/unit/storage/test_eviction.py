@@ -3,6 +3,7 @@ images; never the recently used, the busy or the pinned; every layer forgets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -215,3 +216,37 @@ def test_pin_patterns() -> None:
     assert pins.matches("up/team/app:v1.2")
     assert not pins.matches("up/team/app:latest")
     assert pins.tag_pinned(("up", "team/app", "v1#application/vnd.oci.image.manifest.v1+json"))
+
+
+async def test_a_tag_set_while_its_manifest_is_removed_does_not_outlive_it(cache: Cache) -> None:
+    layer = await cache.blob(os.urandom(1000), 5000)
+    image = await cache.image("app", "v1", [layer], age=5000)
+    evictor = cache.evictor(500)
+
+    async def present(digest: Digest) -> bool:
+        await evictor.settled(digest)
+        return cache.on_disk(digest)
+
+    # What a client's pull does meanwhile: record the tag again (memory store of its own).
+    client_tags = IndexedTagStore(MemoryTagStore(10), cache.index, present)
+    started: list[asyncio.Task[None]] = []
+    forget = cache.layers.forget_content
+
+    async def forget_and_race(digest: Digest) -> None:
+        if not started:
+            entry = TagEntry(image, OCI_MANIFEST, 100, cache.clock())
+            task = asyncio.create_task(client_tags.set("up", "app", "v1", entry))
+            started.append(task)
+            # Given ample time while the manifest is still on disk, the set cannot end:
+            # it waits for this removal before it looks whether its manifest is there.
+            await asyncio.wait({task}, timeout=0.5)
+            assert not task.done()
+        await forget(digest)
+
+    cache.layers.forget_content = forget_and_race  # type: ignore[method-assign]
+    evictor.maybe_start()
+    await evictor.wait()
+    await started[0]
+    assert not cache.on_disk(image)
+    assert await client_tags.get("up", "app", "v1") is None
+    assert (await cache.index.tags_of([image])) == []
