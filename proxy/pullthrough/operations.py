@@ -293,6 +293,13 @@ class CacheOperations:
         for image in containing:
             for upstream, repo in image.repos:
                 if upstream not in upstreams:
+                    log.warning(
+                        "cannot re-fetch %s through %s/%s: no upstream %r is configured",
+                        digest,
+                        upstream,
+                        repo,
+                        upstream,
+                    )
                     continue
                 try:
                     opened = await self._registry.blobs(upstreams[upstream], repo).open(digest)

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import bcrypt
 import pytest
+import yaml
 
 from proxy import metrics
 from proxy.api.handlers import PIN_REFRESHER_KEY, REGISTRY_KEY
@@ -248,6 +249,21 @@ async def test_verify_quarantines_a_flipped_byte_and_the_next_pull_fetches_it_ag
             assert oci.sha256_digest(await response.read()) == layer
         await skopeo.pull(proxy.host, "app/verify:latest", tmp_path / "second")
     assert oci.sha256_digest(path.read_bytes()) == layer
+
+    # --repair fetches what it quarantined again at once (the upstream still answers).
+    other = images["app/verify"].layers[1].digest
+    other_path = cache / "blobs" / "sha256" / other[7:9] / other[7:]
+    data = bytearray(other_path.read_bytes())
+    data[0] ^= 0x80
+    other_path.write_bytes(bytes(data))
+    # The same configuration file as the proxy: --repair needs to know the upstream.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(proxy_settings_mapping(registry.url, cache)))
+    status, out = await run_cli("cache", "verify", "--repair", "--config", str(config), "--json")
+    assert status == 1, out  # something was corrupt, even though it was repaired
+    report = json.loads(out.split("\n\n")[0] if "\n\n" in out else out)
+    assert report["corrupt"] == [other] and report["repaired"] == [other], out
+    assert oci.sha256_digest(other_path.read_bytes()) == other
 
 
 async def test_prewarm_of_a_two_platform_index_then_every_platform_pulls_offline(
