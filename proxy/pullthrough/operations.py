@@ -217,10 +217,13 @@ class CacheOperations:
                     freed += removed
                     metrics.GC_REMOVED.labels("blob").inc()
             retained = [i for i in catalog.images if i not in old]
+            kept: set[Digest] = set()
             for image in old:
                 victim = image_victim(image, retained, catalog.committed)
-                removed = await self._evictor.remove(victim, "gc")
-                if removed is not None:
+                removed = await self._evictor.remove(victim.without(kept), "gc")
+                if removed is None:
+                    kept |= image.members  # used meanwhile: it and what it shares stay
+                else:
                     freed += removed
                     metrics.GC_REMOVED.labels("image").inc()
             result["freed_bytes"] = freed

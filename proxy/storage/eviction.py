@@ -80,6 +80,18 @@ class Victim:
     def kind(self) -> str:
         return "loose" if self.image is None else "image"
 
+    @property
+    def members(self) -> frozenset[Digest]:
+        """Everything the victim's image uses, shared or not."""
+        return frozenset(self.digests) if self.image is None else self.image.members
+
+    def without(self, kept: set[Digest]) -> Victim:
+        """This victim minus digests an image kept in the same pass still uses (the plan
+        assumed that image would go too)."""
+        if not kept.intersection(self.digests):
+            return self
+        return Victim([d for d in self.digests if d not in kept], self.size, self.image)
+
 
 @dataclass
 class Plan:
@@ -275,11 +287,14 @@ class Evictor:
         async with self.lock:
             plan = await self.plan()
             removed = freed = 0
+            kept: set[Digest] = set()
             for victim in plan.victims:
                 if self._store.used_bytes <= self._low:
                     break
-                size = await self.remove(victim, "size")
-                if size is not None:
+                size = await self.remove(victim.without(kept), "size")
+                if size is None:
+                    kept |= victim.members  # used meanwhile: what it shares stays too
+                else:
                     removed += 1
                     freed += size
             if removed:

@@ -16,7 +16,7 @@ from proxy.cache.memory import MemoryTagStore
 from proxy.interfaces import TagEntry
 from proxy.model import Digest
 from proxy.storage.disk import DiskBlobStore
-from proxy.storage.eviction import Evictor
+from proxy.storage.eviction import Evictor, Plan
 from proxy.storage.index import CacheIndex, IndexedTagStore, TagName
 from proxy.storage.manifests import ManifestStore
 from proxy.storage.pins import Pins
@@ -250,3 +250,30 @@ async def test_a_tag_set_while_its_manifest_is_removed_does_not_outlive_it(cache
     assert not cache.on_disk(image)
     assert await client_tags.get("up", "app", "v1") is None
     assert (await cache.index.tags_of([image])) == []
+
+
+async def test_an_image_used_after_the_plan_keeps_what_it_shares_with_the_next_victim(
+    cache: Cache,
+) -> None:
+    shared = await cache.blob(os.urandom(1000), 5000)
+    a_only = await cache.blob(os.urandom(1000), 5000)
+    b_only = await cache.blob(os.urandom(1000), 5000)
+    a = await cache.image("app/a", "v1", [shared, a_only], age=3000)  # the older: first victim
+    b = await cache.image("app/b", "v1", [shared, b_only], age=2000)
+    after_plan = {"yes": False}
+    # a becomes busy once the plan is made (a client started pulling it again).
+    evictor = cache.evictor(600, low_watermark=0.1, busy=lambda d: after_plan["yes"] and d == a)
+    plan = evictor.plan
+
+    async def plan_then_a_is_used() -> Plan:
+        made = await plan()
+        after_plan["yes"] = True
+        return made
+
+    evictor.plan = plan_then_a_is_used  # type: ignore[method-assign]
+    evictor.maybe_start()
+    await evictor.wait()
+    # b went; the layer it shared with a (which the plan had counted as a's to free
+    # first) stayed with a, which is whole.
+    assert not cache.on_disk(b) and not cache.on_disk(b_only)
+    assert cache.on_disk(a) and cache.on_disk(a_only) and cache.on_disk(shared)
