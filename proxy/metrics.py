@@ -145,3 +145,41 @@ def status_class(status: int) -> str:
     """``2xx``, ``4xx``...; 429 keeps its own value, since throttling is not a client error
     an operator can ignore."""
     return "429" if status == 429 else f"{status // 100}xx"
+
+PASSTHROUGH_FETCHES = Counter(
+    PREFIX + "passthrough_fetches_total",
+    "Blob fetches streamed to their clients without being cached, by reason (write_error: "
+    "the cache write failed, e.g. ENOSPC or EIO; low_space: free space under cache.min_free)",
+    ["reason"],
+)
+DISK_FREE_BYTES = Gauge(
+    PREFIX + "disk_free_bytes",
+    "Free space of the cache directory's filesystem, as last checked",
+)
+DISK_MIN_FREE_BYTES = Gauge(
+    PREFIX + "disk_min_free_bytes",
+    "cache.min_free in bytes: below it no new cache write starts",
+)
+DISK_LOW_SPACE = Gauge(
+    PREFIX + "disk_low_space",
+    "1 while free space is under cache.min_free (misses are served pass-through)",
+)
+
+CLIENT_CONNECTIONS = Gauge(
+    PREFIX + "client_connections",
+    "Open client connections of the main listener",
+)
+CLIENT_CONNECTIONS_LIMIT = Gauge(
+    PREFIX + "client_connections_limit",
+    "server.max_connections in force",
+)
+CLIENT_CONNECTIONS_CLOSED = Counter(
+    PREFIX + "client_connections_closed_total",
+    "Client connections the proxy closed, by reason (header_timeout, keepalive_timeout, "
+    "send_timeout, shed: made room at max_connections, refused: at the bound, all busy)",
+    ["reason"],
+)
+ACCEPT_ERRORS = Counter(
+    PREFIX + "accept_errors_total",
+    "Failed accepts of client connections (EMFILE, ENFILE: out of file descriptors)",
+)

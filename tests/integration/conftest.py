@@ -113,16 +113,24 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    """``await proxy_factory(upstream_url, tag_ttl=..., cache_dir=..., **upstream)``: each
+    """``await proxy_factory(upstream_url, tag_ttl=..., cache_dir=..., sections=...,
+    **upstream)`` (``sections``: top-level keys, e.g. ``{"server": {...}}``): each
     call is a new instance (its own cache directory unless given); all are stopped at
     teardown."""
     started = StartedProxies()
 
     async def factory(
-        upstream_url: str, *, tag_ttl: str = "5m", cache_dir: Path | None = None, **upstream: Any
+        upstream_url: str,
+        *,
+        tag_ttl: str = "5m",
+        cache_dir: Path | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        **upstream: Any,
     ) -> ProxyUnderTest:
         cache = cache_dir or tmp_path / f"cache{len(started) or ''}"
-        return await started.add(start_proxy(upstream_url, cache, tag_ttl=tag_ttl, **upstream))
+        return await started.add(
+            start_proxy(upstream_url, cache, tag_ttl=tag_ttl, sections=sections, **upstream)
+        )
 
     try:
         yield factory

@@ -50,18 +50,29 @@ CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type"
 
 class LoopbackServer(LoopbackAddress):
     """An aiohttp application served in the running loop on 127.0.0.1 (port 0 by default,
-    or a fixed port so a stopped server can come back where clients expect it)."""
+    or a fixed port so a stopped server can come back where clients expect it).
+    ``runner`` builds the runner (default: ``web.AppRunner`` without an access log)."""
 
-    def __init__(self, app: web.Application, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        port: int = 0,
+        runner: Callable[[web.Application], web.AppRunner] | None = None,
+    ) -> None:
         self.app = app
         self.port = port
+        self._make_runner = runner
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        if self._make_runner is not None:
+            runner = self._make_runner(self.app)
+        else:
+            runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await runner.setup()
         self._runner = runner
         try:

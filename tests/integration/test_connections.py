@@ -1,0 +1,222 @@
+"""Slow and hostile clients on raw sockets: request-header and keep-alive timeouts, the
+connection bound with shedding, stalled readers, and HTTP versions other than 1.x.
+
+The proxy is served with the runner ``proxy.app.run`` uses (the connection guard in front),
+with short timeouts so the deadlines pass within the test; every wait is a deadline on a
+condition (the server closing, a counter moving), never a sleep standing in for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from proxy.api.connections import GuardedAppRunner
+from tests.rig.distribution import push_blob, random_blob, raw_request
+from tests.rig.process import async_wait_until
+from tests.rig.proxy_app import ProxyFactory, ProxyUnderTest
+from tests.rig.recording import PassThrough
+from tests.rig.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+CLOSE_DEADLINE = 10.0
+
+
+@dataclass
+class Client:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_until_closed(self, within: float = CLOSE_DEADLINE) -> bytes:
+        """Everything the server sends until it closes; AssertionError if it does not
+        close within ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                return await self.reader.read()
+        except TimeoutError:
+            raise AssertionError(f"the server kept the connection open for {within}s") from None
+        except ConnectionResetError:
+            return b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def clients(host: str, count: int) -> AsyncIterator[list[Client]]:
+    address, _, port = host.rpartition(":")
+    opened: list[Client] = []
+    try:
+        for _ in range(count):
+            opened.append(Client(*await asyncio.open_connection(address, int(port))))
+        yield opened
+    finally:
+        for client in opened:
+            client.close()
+
+
+def guard_of(proxy: ProxyUnderTest) -> GuardedAppRunner:
+    runner = proxy.server._runner
+    assert isinstance(runner, GuardedAppRunner), "the proxy is not served by its own runner"
+    return runner
+
+
+async def guarded_proxy(
+    factory: ProxyFactory, upstream_url: str, **server: object
+) -> ProxyUnderTest:
+    return await factory(upstream_url, sections={"server": server})
+
+
+def closed_for(reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "registry_proxy_client_connections_closed_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def status_line(data: bytes) -> str:
+    return data.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+def error_code(data: bytes) -> str:
+    body = data.partition(b"\r\n\r\n")[2]
+    return str(json.loads(body)["errors"][0]["code"])
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /v2/ HTTP/2.0", b"GET /v2/ HTTP/0.9", b"GET /v2/library/x/manifests/1 HTTP/2.0"],
+)
+async def test_a_version_other_than_1x_is_answered_505_over_http_1_1(
+    passthrough: PassThrough, proxy: ProxyUnderTest, request_line: bytes
+) -> None:
+    """The request line's version used to be echoed in the status line (HTTP/2.0 200)."""
+    async with clients(proxy.host, 1) as (client,):
+        await client.send(request_line + b"\r\nHost: x\r\n\r\n")
+        answer = await client.read_until_closed()
+    assert status_line(answer) == "HTTP/1.1 505 HTTP Version Not Supported"
+    assert error_code(answer) == "UNSUPPORTED"
+    assert passthrough.log.exchanges == [], "nothing reaches the upstream"
+
+
+async def test_http_1_0_and_1_1_are_answered_as_before(proxy: ProxyUnderTest) -> None:
+    for version in (b"1.0", b"1.1"):
+        async with clients(proxy.host, 1) as (client,):
+            request = b"GET /v2/ HTTP/" + version + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+            await client.send(request)
+            answer = await client.read_until_closed()
+        assert status_line(answer) == f"HTTP/{version.decode()} 200 OK"
+
+
+async def test_partial_request_headers_are_answered_408_at_the_header_timeout(
+    passthrough: PassThrough, proxy_factory: ProxyFactory
+) -> None:
+    """The adversarial run's 300 stalled partial request lines were open after 20 s."""
+    proxy = await guarded_proxy(proxy_factory, passthrough.url, header_timeout="1s")
+    started = asyncio.get_running_loop().time()
+    async with clients(proxy.host, 50) as stalled:
+        for client in stalled:
+            await client.send(b"GET /v2/library/x/manifests/la")
+        answers = await asyncio.gather(*(c.read_until_closed() for c in stalled))
+    elapsed = asyncio.get_running_loop().time() - started
+    assert {status_line(a) for a in answers} == {"HTTP/1.1 408 Request Timeout"}
+    assert {error_code(a) for a in answers} == {"UNSUPPORTED"}
+    assert 1.0 <= elapsed < CLOSE_DEADLINE
+    assert passthrough.log.exchanges == []
+
+
+async def test_a_trickled_header_gets_no_extension(
+    passthrough: PassThrough, proxy_factory: ProxyFactory
+) -> None:
+    """Slowloris: one byte every 50 ms never completes the header; the deadline runs from
+    the first byte, so the connection is closed although bytes keep coming."""
+    proxy = await guarded_proxy(proxy_factory, passthrough.url, header_timeout="1s")
+    async with clients(proxy.host, 1) as (client,):
+        closed = asyncio.create_task(client.read_until_closed())
+        sent = 0
+        line = b"GET /v2/" + b"a" * 4000
+        while not closed.done() and sent < len(line):
+            with contextlib.suppress(ConnectionError):
+                await client.send(line[sent : sent + 1])
+            sent += 1
+            await asyncio.sleep(0.05)  # the client's pace, not a synchronisation
+        answer = await closed
+    assert status_line(answer) == "HTTP/1.1 408 Request Timeout"
+    assert sent < 100, f"{sent} bytes trickled in before the connection was closed"
+
+
+async def test_an_idle_keepalive_connection_is_closed_at_the_keepalive_timeout(
+    passthrough: PassThrough, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await guarded_proxy(proxy_factory, passthrough.url, keepalive_timeout="1s")
+    async with clients(proxy.host, 1) as (client,):
+        await client.send(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        assert status_line(head) == "HTTP/1.1 200 OK"
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await client.reader.readexactly(length)
+        # A second request on the same connection is still served before the timeout.
+        await client.send(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_line(await client.reader.readuntil(b"\r\n\r\n")) == "HTTP/1.1 200 OK"
+        await client.reader.readexactly(length)
+        assert await client.read_until_closed() == b"", "closed without another answer"
+
+
+async def test_idle_connections_at_the_bound_do_not_lock_out_a_new_client(
+    passthrough: PassThrough, proxy_factory: ProxyFactory
+) -> None:
+    """A few hundred connections that sent only ``GET /v2/`` from one address: the oldest
+    are shed, so the next client is answered at once and the bound holds."""
+    proxy = await guarded_proxy(proxy_factory, passthrough.url, max_connections=50)
+    guard = guard_of(proxy).guard
+    async with clients(proxy.host, 300) as idle:
+        for client in idle:
+            await client.send(b"GET /v2/")
+        await async_wait_until(
+            lambda: len(guard) <= 50, within=CLOSE_DEADLINE, what="the bound to hold"
+        )
+        response = await raw_request(proxy.host, "GET", "/v2/", time_limit=5)
+        assert response.status == 200
+        assert len(guard) <= 50
+        # The newest stalled clients are the ones still open; the oldest were shed.
+        shed = await asyncio.gather(*(c.read_until_closed(within=5) for c in idle[:200]))
+        assert len(shed) == 200
+
+
+async def test_a_client_that_stops_reading_is_dropped_at_the_send_timeout(
+    registry: Registry,
+    passthrough: PassThrough,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    data, digest = random_blob(48 * MiB)
+    await push_blob(http, registry.url, "big/stall", data)
+    proxy = await guarded_proxy(proxy_factory, passthrough.url, send_timeout="1s")
+    before = closed_for("send_timeout")
+    async with http.get(f"{proxy.url}/v2/big/stall/blobs/{digest}") as warm:
+        assert (await warm.read()) == data  # cached now: the stalled GET is a sendfile
+    async with clients(proxy.host, 1) as (client,):
+        await client.send(f"GET /v2/big/stall/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await client.reader.readuntil(b"\r\n\r\n")  # headers in; then the client stops reading
+        await async_wait_until(
+            lambda: closed_for("send_timeout") == before + 1,
+            within=CLOSE_DEADLINE,
+            what="the stalled reader dropped",
+        )
+        assert await client.read_until_closed(within=5) is not None  # the socket is closed
+        # A reading client is still served the whole blob meanwhile.
+        async with http.get(f"{proxy.url}/v2/big/stall/blobs/{digest}") as response:
+            assert len(await response.read()) == len(data)
