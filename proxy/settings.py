@@ -408,8 +408,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         FreeSpace | None,
         Key(
             path="cache.min_free",
-            help="free space below which nothing new is cached (2GiB or 5%%; "
-            "default: the smaller of 1GiB and 5%%)",
+            help="free space below which nothing new is cached (a size, or a share such "
+            "as 5 percent; default: the smaller of 1GiB and 5 percent)",
             metavar="SIZE",
         ),
     ] = None

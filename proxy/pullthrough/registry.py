@@ -119,7 +119,7 @@ class PullThroughRegistry:
     ) -> None:
         self.settings = settings
         self.middleware = tuple(middleware)
-        self.store = DiskBlobStore(settings.cache_dir)
+        self.store = DiskBlobStore(settings.cache_dir, min_free=settings.min_free)
         self.redis = RedisLayer(connect(settings.redis_url)) if settings.redis_url else None
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
@@ -143,10 +143,12 @@ class PullThroughRegistry:
         )
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
-        self.evictor: Evictor | None = None
-        if settings.max_size is not None:
-            self.evictor = Evictor(self.store, settings.max_size, self.descriptors.clear)
-            self.store.on_commit = self.evictor.maybe_start
+        # Always there: a failed or refused write (low space) starts a pass too.
+        self.evictor: Evictor | None = Evictor(
+            self.store, settings.max_size, self.descriptors.clear
+        )
+        self.store.on_commit = self.evictor.maybe_start
+        self.store.on_space_needed = lambda: self._space_needed()
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
 
@@ -182,13 +184,24 @@ class PullThroughRegistry:
         if self.state is not None:
             await asyncio.to_thread(self.state.close)
 
+    def _space_needed(self) -> None:
+        if self.evictor is not None:
+            self.evictor.maybe_start(low_space=True)
+
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable. Upstream and
         Redis states are reported; neither makes the proxy unready, since it serves its
-        cache without them."""
+        cache without them. Nor does low space: misses are then served pass-through."""
         writable = await asyncio.to_thread(self.store.writable)
+        free, min_free = await asyncio.to_thread(self.store.space)
         report: dict[str, object] = {
-            "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
+            "cache": {
+                "dir": str(self.settings.cache_dir),
+                "writable": writable,
+                "free_bytes": max(free, 0),
+                "min_free_bytes": min_free,
+                "low_space": free < min_free,
+            },
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
         if self.redis is not None:

@@ -13,12 +13,15 @@ the rig in ``tests/rig``. Test modules ask for these by name and never import th
 - ``proxy_factory``: ``await proxy_factory(upstream_url, tag_ttl="5m")`` -> ProxyUnderTest.
 - ``redis_proxy_factory``: ``await redis_proxy_factory(upstream_url, redis_url, ...)``.
 - ``proxy``: the proxy under test pointed at ``passthrough`` with the default tag TTL.
+- ``tmpfs``: a 64 MiB tmpfs mounted for the test (root only: skipped elsewhere, failed
+  when CI=true).
 
 A missing binary skips the test, or fails it when CI=true.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from tests.rig.recording import PassThrough
 from tests.rig.redis_server import REDIS_BINARY, RedisServer
 from tests.rig.registry import REGISTRY_BINARY, Registry
 from tests.rig.skopeo import SKOPEO_BINARY, Skopeo
+from tests.rig.tmpfs import mounted_tmpfs, tmpfs_unavailable
 from tests.rig.upstreams import LyingUpstream
 from tests.rig.world import World, running_world
 
@@ -101,6 +105,22 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 @pytest.fixture
 def skopeo(tmp_path: Path) -> Skopeo:
     return Skopeo(tmp_path / "skopeo", binary=binary_or_skip(SKOPEO_BINARY))
+
+
+TMPFS_MIB = 64
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A ``TMPFS_MIB`` MiB tmpfs, mounted for the test and unmounted after it. Ask for
+    it before the proxy fixtures, so the proxies are stopped before it is unmounted."""
+    reason = tmpfs_unavailable()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} (CI=true: the tmpfs tests must run)")
+        pytest.skip(reason)
+    with mounted_tmpfs(tmp_path / "tmpfs", TMPFS_MIB) as path:
+        yield path
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ Nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -303,10 +303,12 @@ def cut_connection(request: web.Request, exchange: Exchange, *, abort: bool) -> 
 
 @dataclass(frozen=True)
 class BodyCut:
-    """Where to end a relayed body: after ``after`` bytes, closing or aborting."""
+    """Where to end a relayed body: after ``after`` bytes, closing or aborting; or, with
+    ``pause``, where to await it before relaying the rest."""
 
     after: int
     abort: bool = False
+    pause: Callable[[], Awaitable[None]] | None = None
 
 
 class PassThrough(RecordingServer):
@@ -384,11 +386,14 @@ class PassThrough(RecordingServer):
                 if request.method != "HEAD":
                     async for chunk in upstream.content.iter_chunked(CHUNK):
                         if limit is not None and exchange.bytes_sent + len(chunk) >= limit:
-                            chunk = chunk[: limit - exchange.bytes_sent]
-                            await response.write(chunk)
-                            exchange.bytes_sent += len(chunk)
+                            head = chunk[: limit - exchange.bytes_sent]
+                            await response.write(head)
+                            exchange.bytes_sent += len(head)
                             assert cut is not None
-                            return cut_connection(request, exchange, abort=cut.abort)
+                            if cut.pause is None:
+                                return cut_connection(request, exchange, abort=cut.abort)
+                            await cut.pause()
+                            limit, chunk = None, chunk[len(head) :]
                         await response.write(chunk)
                         exchange.bytes_sent += len(chunk)
                 await response.write_eof()
