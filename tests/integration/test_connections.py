@@ -13,15 +13,18 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
 from proxy.api.connections import GuardedAppRunner
-from tests.rig.distribution import push_blob, random_blob, raw_request
+from tests.rig import oci
+from tests.rig.distribution import push_blob, push_image, random_blob, raw_request
 from tests.rig.process import async_wait_until
 from tests.rig.proxy_app import ProxyFactory, ProxyUnderTest
+from tests.rig.proxy_process import ProxyProcess
 from tests.rig.recording import PassThrough
 from tests.rig.registry import Registry
 
@@ -220,3 +223,64 @@ async def test_a_client_that_stops_reading_is_dropped_at_the_send_timeout(
         # A reading client is still served the whole blob meanwhile.
         async with http.get(f"{proxy.url}/v2/big/stall/blobs/{digest}") as response:
             assert len(await response.read()) == len(data)
+
+
+def child_proxy(workdir: Path, upstream_url: str, **server: object) -> ProxyProcess:
+    mapping: dict[str, object] = {
+        "log_level": "info",
+        "cache": {"dir": str(workdir / "cache")},
+        "upstreams": [{"name": "up", "url": upstream_url, "default": True}],
+    }
+    if server:
+        mapping["server"] = server
+    return ProxyProcess(workdir, mapping, open_files=1024)
+
+
+async def test_a_thousand_idle_connections_under_ulimit_1024_lock_nobody_out(
+    tmp_path: Path, registry: Registry, passthrough: PassThrough
+) -> None:
+    """The adversarial run's repro: under ``ulimit -n 1024``, 1,100 connections that each
+    sent only ``GET /v2/`` made ``GET /v2/`` and cached manifests time out, and the log got
+    a traceback per failed accept. max_connections is derived from the limit now, and
+    the oldest stalled connections are shed for new ones."""
+    async with aiohttp.ClientSession() as http:
+        image = await push_image(http, registry.url, tmp_path / "image", "team/app", "v1")
+    accept = {"Accept": oci.OCI_MANIFEST}
+    with child_proxy(tmp_path / "proxy", passthrough.url) as proxy:
+        warm = await raw_request(proxy.host, "GET", "/v2/team/app/manifests/v1", headers=accept)
+        assert warm.status == 200
+        async with clients(proxy.host, 1100) as idle:
+            for client in idle:
+                await client.send(b"GET /v2/")
+            for _ in range(3):
+                base = await raw_request(proxy.host, "GET", "/v2/", time_limit=5)
+                assert base.status == 200
+                cached = await raw_request(
+                    proxy.host, "GET", "/v2/team/app/manifests/v1", headers=accept, time_limit=5
+                )
+                assert cached.status == 200 and cached.body == image.manifest_bytes
+            assert proxy.metric("registry_proxy_client_connections") <= proxy.metric(
+                "registry_proxy_client_connections_limit"
+            )
+        assert proxy.open_fds() < 1024
+        log = proxy.log_text()
+    assert log.count("Traceback") == 0, log[-3000:]
+
+
+async def test_out_of_file_descriptors_is_logged_once_per_interval_and_counted(
+    tmp_path: Path, passthrough: PassThrough
+) -> None:
+    """With max_connections set above what the open-files limit allows, accept fails
+    with EMFILE: counted, one log line per interval, idle connections shed so the next
+    client is served."""
+    with child_proxy(tmp_path / "proxy", passthrough.url, max_connections=5000) as proxy:
+        async with clients(proxy.host, 1100) as idle:
+            for client in idle:
+                with contextlib.suppress(ConnectionError):
+                    await client.send(b"GET /v2/")
+            base = await raw_request(proxy.host, "GET", "/v2/", time_limit=10)
+            assert base.status == 200
+            assert proxy.metric("registry_proxy_accept_errors_total") > 0
+        log = proxy.log_text()
+    assert 1 <= log.count("accepting connections fails") <= 2, log[-3000:]
+    assert log.count("Traceback") == 0, log[-3000:]
