@@ -35,6 +35,8 @@ def create_app(settings: Settings) -> web.Application:
     app[handlers.ROUTER_KEY] = Router(settings.upstreams)
 
     async def registry_ctx(_app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
         await registry.open()
         yield
         await registry.close()

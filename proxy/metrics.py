@@ -183,3 +183,11 @@ ACCEPT_ERRORS = Counter(
     PREFIX + "accept_errors_total",
     "Failed accepts of client connections (EMFILE, ENFILE: out of file descriptors)",
 )
+ASYNCIO_TASKS = Gauge(
+    PREFIX + "asyncio_tasks",
+    "asyncio tasks of the serving loop (a number that keeps growing is a leak)",
+)
+MALFORMED_REQUESTS = Counter(
+    PREFIX + "malformed_requests_total",
+    "Requests that could not be parsed as HTTP (answered 400 with an OCI error body)",
+)

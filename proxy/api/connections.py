@@ -55,6 +55,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -334,6 +335,28 @@ class GuardedRequestHandler(RequestHandler):
         finally:
             self.state, self.since, self.served = State.IDLE, self.guard._clock(), True
             self.guard.idle(self)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse gets an OCI error body, and a debug line
+        instead of a traceback at error level (a client controls how often it happens)."""
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        log.debug("malformed request from %s: %s", request.remote, exc.message)
+        metrics.MALFORMED_REQUESTS.inc()
+        body = {
+            "errors": [
+                {"code": "UNSUPPORTED", "message": "malformed HTTP request", "detail": None}
+            ]
+        }
+        response = web.json_response(body, status=status)
+        response.force_close()
+        return response
 
     def send_stalled(self, now: float) -> float:
         """Seconds for which queued response bytes have not been acknowledged (0 when

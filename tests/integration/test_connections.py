@@ -284,3 +284,20 @@ async def test_out_of_file_descriptors_is_logged_once_per_interval_and_counted(
         log = proxy.log_text()
     assert 1 <= log.count("accepting connections fails") <= 2, log[-3000:]
     assert log.count("Traceback") == 0, log[-3000:]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"GET /v2/ HTTP/3.7\r\n\r\n"],
+)
+async def test_a_malformed_request_gets_an_oci_body_and_no_traceback(
+    proxy: ProxyUnderTest, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """skopeo's TLS ClientHello on a plain-HTTP port, a version aiohttp cannot parse:
+    each used to log a traceback at error level and answer a text/plain 400."""
+    async with clients(proxy.host, 1) as (client,):
+        await client.send(garbage)
+        answer = await client.read_until_closed()
+    assert status_line(answer).split(" ", 1)[1] == "400 Bad Request"
+    assert error_code(answer) == "UNSUPPORTED"
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
