@@ -165,7 +165,7 @@ async def fault_trials(
     async with aiohttp.ClientSession() as http:
         for mode, (setup, must_succeed) in FAULT_MODES.items():
             result = TrialResult(f"upstream fault: {mode}")
-            statuses: set[int] = set()
+            statuses: set[str] = set()
             for run in range(runs):
                 data, digest = random_blob(blob_size + run)
                 repo = f"faults/r{run}"
@@ -175,7 +175,8 @@ async def fault_trials(
                 got = await fetch_blob(proxy_url, repo, digest)
                 fault_proxy.clear_faults()
                 result.runs += 1
-                statuses.add(got.status)
+                cut = got.status == 200 and not got.complete
+                statuses.add(f"{got.status or 'no answer'}{' cut' if cut else ''}")
                 right = got.status == 200 and got.complete and got.digest == digest
                 if got.status == 200 and got.complete and got.digest != digest:
                     result.corrupt += 1
@@ -183,7 +184,7 @@ async def fault_trials(
                     result.failures += 1
             result.corrupt += corrupt_commits(cache_dir)
             expected = "the right bytes" if must_succeed else "an error, never a clean 200"
-            result.notes.append(f"must give {expected}; statuses {sorted(statuses)}")
+            result.notes.append(f"must give {expected}; got {', '.join(sorted(statuses))}")
             results.append(result)
     return results
 
