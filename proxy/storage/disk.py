@@ -64,6 +64,7 @@ class DiskBlobStore(BlobStore):
         self.min_free = min_free
         """Bytes, a share of the filesystem (a float), or None for the default."""
         self._writers: set[DiskBlobWriter] = set()
+        self._writers_lock = threading.Lock()  # added on the loop, summed in threads
         self.on_commit: Callable[[], None] | None = None
         """Called on the event loop after each commit (eviction hooks in here)."""
         self.on_space_needed: Callable[[], None] | None = None
@@ -130,7 +131,8 @@ class DiskBlobStore(BlobStore):
         else:
             threshold = self.min_free
         free = st.f_bavail * st.f_frsize
-        free -= sum(w.remaining for w in list(self._writers))
+        with self._writers_lock:
+            free -= sum(w.remaining for w in self._writers)
         metrics.DISK_FREE_BYTES.set(max(free, 0))
         metrics.DISK_MIN_FREE_BYTES.set(threshold)
         metrics.DISK_LOW_SPACE.set(1 if free < threshold else 0)
@@ -205,8 +207,13 @@ class DiskBlobStore(BlobStore):
             self._space_needed()
             return DiskBlobWriter(self, digest, None, None, failure=created)
         writer = DiskBlobWriter(self, digest, temp, created, size=size)
-        self._writers.add(writer)
+        with self._writers_lock:
+            self._writers.add(writer)
         return writer
+
+    def _writer_done(self, writer: DiskBlobWriter) -> None:
+        with self._writers_lock:
+            self._writers.discard(writer)
 
     async def delete(self, digest: Digest) -> None:
         def _delete() -> int:
@@ -320,7 +327,7 @@ class DiskBlobWriter(BlobWriter):
         finally:
             self._written += sum(len(c) for c in chunks)
         if failed is not None:
-            self._store._writers.discard(self)
+            self._store._writer_done(self)
             self._store._space_needed()
             raise failed
 
@@ -385,7 +392,7 @@ class DiskBlobWriter(BlobWriter):
             self._store._space_needed()
             raise
         finally:
-            self._store._writers.discard(self)
+            self._store._writer_done(self)
         if new:
             self._store._added(descriptor.size)
         if self._store.on_commit is not None:
@@ -410,7 +417,7 @@ class DiskBlobWriter(BlobWriter):
                 os.unlink(self._temp)
 
     async def cancel(self) -> None:
-        self._store._writers.discard(self)
+        self._store._writer_done(self)
         # Shielded: cleanup must finish even when the task that owns it is cancelled.
         await asyncio.shield(asyncio.to_thread(self._cancel_sync))
 

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from proxy.api.connections import GuardedAppRunner
 from tests.rig import oci
 from tests.rig.distribution import push_blob, push_image, random_blob, raw_request
+from tests.rig.faults import FaultProxy, manifests
 from tests.rig.process import async_wait_until
 from tests.rig.proxy_app import ProxyFactory, ProxyUnderTest
 from tests.rig.proxy_process import ProxyProcess
@@ -301,3 +302,25 @@ async def test_a_malformed_request_gets_an_oci_body_and_no_traceback(
     assert status_line(answer).split(" ", 1)[1] == "400 Bad Request"
     assert error_code(answer) == "UNSUPPORTED"
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_at_the_bound_with_every_connection_busy_a_new_one_gets_503(
+    fault_proxy: FaultProxy, proxy_factory: ProxyFactory
+) -> None:
+    """Busy connections are never shed: the newcomer is told to come back."""
+    proxy = await guarded_proxy(proxy_factory, fault_proxy.url, max_connections=2)
+    stall = fault_proxy.stall(manifests("GET"))
+    async with clients(proxy.host, 2) as busy:
+        for n, client in enumerate(busy):  # two tags: coalescing would make it one
+            await client.send(
+                f"GET /v2/team/app/manifests/v{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+        await async_wait_until(lambda: stall.held == 2, within=10, what="two requests held")
+        async with clients(proxy.host, 1) as (late,):
+            answer = await late.read_until_closed()
+        assert status_line(answer) == "HTTP/1.1 503 Service Unavailable"
+        assert b"Retry-After: 1" in answer and error_code(answer) == "UNAVAILABLE"
+        fault_proxy.release()
+        for client in busy:
+            head = await client.reader.readuntil(b"\r\n\r\n")
+            assert status_line(head).startswith("HTTP/1.1 ")
