@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import __version__, metrics
+from proxy.access.control import AccessControl
 from proxy.api import handlers
 from proxy.api.accesslog import AccessLogger
 from proxy.api.connections import ConnectionGuard, GuardedAppRunner, raise_open_files_limit
@@ -31,14 +32,21 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics_middleware, errors_middleware], client_max_size=CLIENT_MAX_SIZE
     )
     registry = PullThroughRegistry(settings)
+    router = Router(settings.upstreams)
+    access = AccessControl(
+        settings, router, lambda name: registry.upstreams[name].client, registry.redis
+    )
     app[handlers.REGISTRY_KEY] = registry
-    app[handlers.ROUTER_KEY] = Router(settings.upstreams)
+    app[handlers.ROUTER_KEY] = router
+    app[handlers.ACCESS_KEY] = access
 
     async def registry_ctx(_app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
         await registry.open()
+        await asyncio.to_thread(access.open)
         yield
+        await access.close()
         await registry.close()
 
     app.cleanup_ctx.append(registry_ctx)
@@ -48,6 +56,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics_endpoint)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_route("GET", "/token", handlers.token)
+    app.router.add_route("POST", "/token", handlers.token)
+    app.router.add_get("/admin/usage", handlers.admin_usage)
     return app
 
 

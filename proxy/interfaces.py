@@ -188,6 +188,19 @@ class RepositoryBlobs(BlobStatter, Protocol):
         ...
 
 
+class ColdFetchGate(Protocol):
+    """Asked before a request makes the proxy fetch from upstream (a cold fetch), never
+    for a cache hit or for joining a fetch in progress: per-identity quotas."""
+
+    async def admit(self) -> None:
+        """Raise ``TooManyRequests`` when this request may not start an upstream fetch."""
+        ...
+
+    async def charge(self, size: int) -> None:
+        """Count ``size`` bytes fetched from upstream for this request."""
+        ...
+
+
 BlobMiddleware = Callable[[RepositoryBlobs], RepositoryBlobs]
 """Distribution's ``BlobAccessController``: wrap a repository's blob service in one more
 concern (access control, quotas, stats). Configured middleware is the outermost."""

@@ -146,6 +146,37 @@ def status_class(status: int) -> str:
     an operator can ignore."""
     return "429" if status == 429 else f"{status // 100}xx"
 
+# --- access control (labels: fixed reasons, and local user names or identity kinds) ----
+ACCESS_DECISIONS = Counter(
+    PREFIX + "access_decisions_total",
+    "Access decisions by decision (allow|deny) and reason (public, user, token, "
+    "passthrough, no_rule, not_granted, private, passthrough_refused, bad_credentials)",
+    ["decision", "reason"],
+)
+ACCESS_CHECKS = Counter(
+    PREFIX + "access_checks_total",
+    "Upstream access checks by kind (visibility|passthrough|login) and result "
+    "(cached|granted|refused|unknown|stale|error)",
+    ["kind", "result"],
+)
+LIMIT_REJECTIONS = Counter(
+    PREFIX + "limit_rejections_total",
+    "Requests refused with 429 by limit (requests|cold_fetches|cold_bytes|logins) and "
+    "identity (a local user's name, else anonymous or passthrough)",
+    ["limit", "identity"],
+)
+IDENTITY_USAGE = Counter(
+    PREFIX + "identity_usage_total",
+    "Usage by identity (a local user's name, else anonymous or passthrough) and counter "
+    "(requests, cache_bytes, upstream_bytes, cold_fetches, denials, limited)",
+    ["identity", "counter"],
+)
+TOKENS_ISSUED = Counter(
+    PREFIX + "tokens_issued_total",
+    "Bearer tokens issued by the token service, by identity kind",
+    ["kind"],
+)
+
 PASSTHROUGH_FETCHES = Counter(
     PREFIX + "passthrough_fetches_total",
     "Blob fetches streamed to their clients without being cached, by reason (write_error: "

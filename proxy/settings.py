@@ -29,11 +29,13 @@ aliases, the single default) run after conversion.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import UnionType
 from typing import (
@@ -76,9 +78,15 @@ MIN_FREE_FRACTION_CAP = 0.05
 """Without ``cache.min_free``: keep the smaller of 1 GiB and 5 % of the filesystem free."""
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_LOG_FORMAT: Final = "text"
+DEFAULT_TOKEN_EXPIRY = 300.0
+DEFAULT_TOKEN_SERVICE = "registry-proxy"
+DEFAULT_DECISION_TTL = 300.0
+DEFAULT_VISIBILITY_TTL = 3600.0
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
+
+_S = TypeVar("_S", bound=msgspec.Struct)
 
 LogLevelName = Literal["debug", "info", "warning", "error", "critical"]
 LogFormatName = Literal["text", "json"]
@@ -212,6 +220,66 @@ def parse_redis_url(value: object, key: str) -> str:
     return value
 
 
+_RATE = re.compile(r"^\s*([^/\s]+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h|d)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``amount`` per ``period`` seconds: ``50/s``, ``200/6h``, ``10GiB/6h``."""
+
+    amount: int
+    period: float
+
+    def __str__(self) -> str:
+        # Plain decimal digits, as _RATE reads them (':g' wrote 30d as 2.592e+06s).
+        period = format(Decimal(repr(self.period)), "f")
+        if "." in period:
+            period = period.rstrip("0").rstrip(".")
+        return f"{self.amount}/{period}s"
+
+
+def _rate(value: object, key: str, amount: Callable[[object, str], int]) -> Rate:
+    m = _RATE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ConfigError(key, f"expected a rate such as 50/s or 200/6h, got {value!r}")
+    count = amount(m.group(1), key)
+    period = float(m.group(2) or 1) * _DURATION_UNITS[m.group(3)]
+    if count <= 0 or period <= 0:
+        raise ConfigError(key, "a rate must be positive")
+    return Rate(count, period)
+
+
+def parse_count_rate(value: object, key: str) -> Rate:
+    """``50/s``, ``200/6h``: a number of events per period."""
+
+    def count(text: object, key: str) -> int:
+        if not isinstance(text, str) or not text.isdigit():
+            raise ConfigError(key, f"expected a rate such as 50/s or 200/6h, got {value!r}")
+        return int(text)
+
+    return _rate(value, key, count)
+
+
+def parse_size_rate(value: object, key: str) -> Rate:
+    """``10GiB/6h``: bytes per period."""
+    return _rate(value, key, parse_size)
+
+
+def parse_network(value: object, key: str) -> str:
+    """An address or CIDR network (``10.0.0.0/8``, ``::1``), normalised."""
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise ConfigError(key, f"expected an IP address or network, got {value!r}") from None
+
+
+def parse_networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of addresses or networks, each normalised; an error names ``key[i]``."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of IP addresses or networks")
+    return tuple(parse_network(item, f"{key}[{index}]") for index, item in enumerate(value))
+
+
 def _lower(value: object, key: str) -> object:
     """Names of levels and formats are case-insensitive (``ERROR`` from the environment)."""
     return value.lower() if isinstance(value, str) else value
@@ -305,6 +373,12 @@ Text = Annotated[str, Expect("a string")]
 UpstreamName = Annotated[
     str, Meta(pattern=_UPSTREAM_NAME.pattern), Expect("a lower-case name such as 'dockerhub'")
 ]
+CountRate = Annotated[Rate, Parse(parse_count_rate), Show(str)]
+SizeRate = Annotated[Rate, Parse(parse_size_rate), Show(str)]
+# A Parse marker applies to the field's own type, not to the items of a tuple.
+Networks = Annotated[tuple[str, ...], Parse(parse_networks), Show(list)]
+FilePath = Annotated[Path, Parse(parse_directory), Show(str), Expect("a file path")]
+Visibility = Literal["auto", "public", "private"]
 HostNames = Annotated[
     tuple[Annotated[str, Meta(min_length=1)], ...], Expect("a list of host names"), Show(list)
 ]
@@ -313,6 +387,103 @@ LogFormat = Annotated[LogFormatName, Parse(_lower), Expect(f"one of {', '.join(L
 
 
 # --- the schema ------------------------------------------------------------------------
+
+
+def _section(cls: type[_S]) -> Parse:
+    """Parse a mapping into the Struct ``cls`` key by key, so an error names its key."""
+
+    def parse(value: object, key: str) -> object:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "expected a mapping")
+        allowed = {info.name for info in fields(cls)}
+        for name in value:
+            if name not in allowed:
+                raise ConfigError(f"{key}.{name}", "unknown key")
+        values: dict[str, Any] = {}
+        for info in fields(cls):
+            item = value.get(info.name)
+            if item is not None or info.required:  # a missing required key is refused by name
+                values[info.name] = _convert(info, item, f"{key}.{info.name}", True)
+        return cls(**values)
+
+    return Parse(parse)
+
+
+def _items(cls: type[_S]) -> Parse:
+    """Parse a list of mappings into a tuple of ``cls``, naming ``key[i].field``."""
+    item = _section(cls)
+
+    def parse(value: object, key: str) -> object:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, "expected a list")
+        return tuple(item.fn(entry, f"{key}[{index}]") for index, entry in enumerate(value))
+
+    return Parse(parse)
+
+
+def _show_struct(value: Any) -> Any:
+    if isinstance(value, msgspec.Struct):
+        return {k: _show_struct(v) for k, v in _shown(value).items() if v is not None}
+    if isinstance(value, tuple):
+        return [_show_struct(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _show_struct(v) for k, v in value.items()}
+    return value
+
+
+_SectionShow = Show(_show_struct)
+
+
+class TokenSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``auth.token``: the proxy's own token service (Distribution's token auth)."""
+
+    key: FilePath | None = None
+    """PEM private key (EC P-256 or RSA); absent: generated into the cache directory."""
+    expiry: Duration = DEFAULT_TOKEN_EXPIRY
+    service: Text = DEFAULT_TOKEN_SERVICE
+    realm: Text | None = None
+    """The token URL clients are sent to; absent: ``<scheme>://<Host>/token`` of the request."""
+
+
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``auth``: who a client is (local users, tokens, credential pass-through)."""
+
+    htpasswd: FilePath | None = None
+    token: Annotated[TokenSettings, _section(TokenSettings), _SectionShow] = TokenSettings()
+    trusted_proxies: Networks = ()
+    decision_ttl: Duration = DEFAULT_DECISION_TTL
+    visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
+
+
+class AccessRule(msgspec.Struct, frozen=True, kw_only=True):
+    """One item of ``access.rules``: a pattern over ``<upstream>/<repository>`` and who
+    may pull there."""
+
+    repos: Annotated[str, Meta(min_length=1), Expect("a pattern such as 'dockerhub/**'")]
+    pull: Annotated[tuple[Text, ...], Expect("a list of names"), Show(list)] = ()
+
+
+DEFAULT_RULES: Final = (AccessRule(repos="**", pull=("anonymous", "passthrough")),)
+
+
+class AccessSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``access``: who may pull what. Longest matching pattern wins; no match denies."""
+
+    groups: Annotated[
+        dict[str, tuple[str, ...]], Expect("a mapping of group names to user lists")
+    ] = msgspec.field(default_factory=dict)
+    admins: Annotated[tuple[Text, ...], Show(list)] = ()
+    rules: Annotated[tuple[AccessRule, ...], _items(AccessRule), _SectionShow] = DEFAULT_RULES
+
+
+class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``limits``: per-identity request rate and cold-fetch quotas."""
+
+    requests: CountRate | None = None
+    cold_fetches: CountRate | None = None
+    cold_bytes: SizeRate | None = None
 
 
 class UpstreamSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -344,11 +515,29 @@ class UpstreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     failure_threshold: PositiveInt = DEFAULT_FAILURE_THRESHOLD
     cooldown: Duration = DEFAULT_COOLDOWN
     retries: NonNegativeInt = DEFAULT_RETRIES
+    visibility: Annotated[Visibility, Expect("auto, public or private")] | None = None
+    passthrough: Flag | None = None
     username: Text | None = None
     password_env: Text | None = None
     password_file: Text | None = None
     # In the file: an inline password. Once loaded: the password, wherever it came from.
     password: Annotated[Text | None, Secret(_redact)] = None
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None
+
+    @property
+    def effective_visibility(self) -> Visibility:
+        """``auto`` for an upstream the proxy has credentials for, else ``public``: what
+        an anonymous upstream serves, it serves to anyone."""
+        if self.visibility is not None:
+            return self.visibility
+        return "auto" if self.has_credentials else "public"
+
+    @property
+    def passthrough_enabled(self) -> bool:
+        return self.has_credentials if self.passthrough is None else self.passthrough
 
     @property
     def host(self) -> str:
@@ -447,6 +636,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             metavar="N",
         ),
     ] = None
+    auth: Annotated[AuthSettings, _section(AuthSettings), _SectionShow, Key(overridable=False)] = (
+        AuthSettings()
+    )
+    access: Annotated[
+        AccessSettings, _section(AccessSettings), _SectionShow, Key(overridable=False)
+    ] = AccessSettings()
+    limits: Annotated[
+        LimitSettings, _section(LimitSettings), _SectionShow, Key(overridable=False)
+    ] = LimitSettings()
     # Parsed item by item (_parse_upstreams), never overridden as a whole.
     upstreams: Annotated[
         tuple[UpstreamSettings, ...], Key(overridable=False), Show(_show_upstreams)
@@ -588,13 +786,13 @@ OPTIONS: Final = _options()
 _OPTIONS_BY_NAME: Final = {option.name: option for option in OPTIONS}
 
 
-def _shown(struct: Settings | UpstreamSettings, kind: type[Show] = Show) -> dict[str, Any]:
+def _shown(struct: msgspec.Struct, kind: type[Show] = Show) -> dict[str, Any]:
     """Field name to value, rendered by the field's ``kind`` marker where it has one."""
     out: dict[str, Any] = {}
     for info in fields(struct):
         value = getattr(struct, info.name)
         show = _markers(info.type, kind)
-        out[info.name] = show[0].render(value) if show else value
+        out[info.name] = show[0].render(value) if show and value is not None else value
     return out
 
 

@@ -20,10 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import metrics
+from proxy.access.control import IDENTITY_KEY, AccessControl
+from proxy.access.identity import Credential, Identity, parse_authorization
+from proxy.access.limits import QuotaGate
 from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
-from proxy.errors import RegistryError, RouteUnknown, Unsupported
-from proxy.interfaces import FetchingBlob, LocalBlob
-from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Reference
+from proxy.errors import Denied, RegistryError, RouteUnknown, Unauthorized, Unsupported
+from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
+from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Outcome, Reference
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
 from proxy.routing import Route, Router
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_KEY = web.AppKey("registry", PullThroughRegistry)
 ROUTER_KEY = web.AppKey("router", Router)
+ACCESS_KEY = web.AppKey("access", AccessControl)
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -58,8 +62,36 @@ def parse_target(tail: str) -> Target:
 
 
 async def base(request: web.Request) -> web.Response:
+    """``/v2/``: 200, or, with access control engaged, 401 and the challenge until the
+    client presents credentials this proxy accepts (how clients learn to log in)."""
     request[ROUTE_KEY] = "base"
+    control = request.app[ACCESS_KEY]
+    if control.engaged:
+        identity = await control.identify(request)
+        await _admit(request, control, identity)
+        accepted = identity.authenticated
+        if identity.kind == "passthrough" and identity.credential is not None:
+            accepted = await control.login_accepted(identity.credential)
+        if not accepted:
+            raise Unauthorized(
+                "authentication required",
+                headers={"WWW-Authenticate": control.challenge(request, None, None)},
+            )
     return web.json_response({})
+
+
+async def _admit(request: web.Request, control: AccessControl, identity: Identity) -> None:
+    """Count the request for its identity and apply the request rate limit."""
+    control.usage.add(identity.key, identity.label, "requests")
+    await control.limits.admit_request(identity.key, identity.label)
+
+
+def _served(request: web.Request, source: str, size: int) -> None:
+    metrics.SERVED_BYTES.labels(source).inc(size)
+    identity = request.get(IDENTITY_KEY)
+    if identity is not None:
+        counter = "cache_bytes" if source == "cache" else "upstream_bytes"
+        request.app[ACCESS_KEY].usage.add(identity.key, identity.label, counter, size)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -74,50 +106,82 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if route.namespace is not None:
         request[NAMESPACE_KEY] = route.namespace
     services = request.app[REGISTRY_KEY].services(route.upstream)
+    control = request.app[ACCESS_KEY]
+    identity = await control.identify(request)
+    await _admit(request, control, identity)
+    gate = _gate(control, identity)
     if target.kind == "manifest":
-        response = await manifest(request, route, services, Reference.parse(target.reference))
+        reference = Reference.parse(target.reference)
+        await control.authorize(request, route.upstream, route.repo, target.name, str(reference))
+        response = await manifest(request, route, services, reference, gate)
     elif target.kind == "blob":
-        response = await blob(request, route, services, Digest.parse(target.reference))
+        digest = Digest.parse(target.reference)
+        response = await blob(request, route, digest, target.name, gate)
     elif target.kind == "referrers":
         digest = Digest.parse(target.reference)
+        await control.authorize(request, route.upstream, route.repo, target.name, None)
         response = await referrers(request, route, services, digest, target.name)
     else:
+        await control.authorize(request, route.upstream, route.repo, target.name, None)
         response = await tags_list(request, route, services, target.name)
     return response
 
 
+def _gate(control: AccessControl, identity: Identity) -> QuotaGate | None:
+    if not control.limits.has_quotas:
+        return None
+    return QuotaGate(control.limits, identity.key, identity.label)
+
+
 async def manifest(
-    request: web.Request, route: Route, services: UpstreamServices, reference: Reference
+    request: web.Request,
+    route: Route,
+    services: UpstreamServices,
+    reference: Reference,
+    gate: ColdFetchGate | None = None,
 ) -> web.StreamResponse:
     # Clients (skopeo, containerd) send one Accept line per media type: read them all.
     accept = ", ".join(request.headers.getall("Accept", [])) or None
-    result = await services.manifests.get(route.repo, reference, accept)
+    result = await services.manifests.get(route.repo, reference, accept, gate)
     stored = result.manifest
     request[OUTCOME_KEY] = result.outcome
     request[ETAG_KEY] = f'"{stored.digest}"'
     headers = {"Docker-Content-Digest": str(stored.digest)}
+    if gate is not None and result.outcome is Outcome.MISS:
+        await gate.charge(len(stored.body))
     if _not_modified(request, stored.digest):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = stored.media_type
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(stored.body))
         return web.Response(headers=headers)
-    metrics.SERVED_BYTES.labels(result.outcome.source).inc(len(stored.body))
+    _served(request, result.outcome.source, len(stored.body))
     return web.Response(body=stored.body, headers=headers)
 
 
 async def blob(
-    request: web.Request, route: Route, services: UpstreamServices, digest: Digest
+    request: web.Request,
+    route: Route,
+    digest: Digest,
+    client_name: str,
+    gate: ColdFetchGate | None = None,
 ) -> web.StreamResponse:
+    """A blob through the repository's chain, access control its outermost layer."""
     headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": MEDIA_TYPE_OCTET_STREAM,
         "Accept-Ranges": "bytes",
     }
     request[ETAG_KEY] = f'"{digest}"'
+    control = request.app[ACCESS_KEY]
     if _not_modified(request, digest):
+        # Nothing is looked up for a 304, but it is still an answer about the blob.
+        await control.authorize(request, route.upstream, route.repo, client_name, None)
         return web.Response(status=304, headers=headers)
-    blobs = request.app[REGISTRY_KEY].blobs(route.upstream, route.repo)
+    access = control.blob_layer(request, route.upstream, route.repo, client_name)
+    blobs = request.app[REGISTRY_KEY].blobs(
+        route.upstream, route.repo, middleware=(access,), gate=gate
+    )
     if request.method == "HEAD":
         descriptor = await blobs.stat(digest)
         headers["Content-Length"] = str(descriptor.size)
@@ -125,8 +189,10 @@ async def blob(
     opened = await blobs.open(digest)
     request[OUTCOME_KEY] = opened.outcome
     if isinstance(opened, LocalBlob):
-        metrics.SERVED_BYTES.labels(opened.outcome.source).inc(opened.descriptor.size)
+        _served(request, opened.outcome.source, opened.descriptor.size)
         return web.FileResponse(opened.path, headers=headers)
+    if gate is not None and opened.outcome is Outcome.MISS and opened.fetch.size is not None:
+        await gate.charge(opened.fetch.size)
     return await _stream_fetch(request, opened, headers)
 
 
@@ -145,7 +211,7 @@ async def _stream_fetch(
     if fetch.size is not None:
         response.content_length = fetch.size
     await response.prepare(request)
-    served = metrics.SERVED_BYTES.labels(opened.outcome.source)
+    source = opened.outcome.source
     try:
         if fetch.size is not None and request.transport is not None:
             loop = asyncio.get_running_loop()
@@ -153,16 +219,16 @@ async def _stream_fetch(
                 async for span in spans:
                     if isinstance(span, memoryview):
                         await response.write(span)
-                        served.inc(len(span))
+                        _served(request, source, len(span))
                         continue
                     file, offset, length = span
                     await loop.sendfile(request.transport, file, offset, length)
-                    served.inc(length)
+                    _served(request, source, length)
         else:
             async with contextlib.aclosing(fetch.read()) as chunks:
                 async for chunk in chunks:
                     await response.write(chunk)
-                    served.inc(len(chunk))
+                    _served(request, source, len(chunk))
     except RegistryError as exc:
         log.warning("aborting blob response: %s", exc.message, extra={"digest": str(fetch.digest)})
         _abort(request, response)
@@ -254,6 +320,71 @@ def _not_modified(request: web.Request, digest: Digest) -> bool:
         return False
     etags = {item.strip().removeprefix("W/") for item in value.split(",")}
     return f'"{digest}"' in etags or "*" in etags
+
+
+MAX_SCOPES = 32
+MAX_TOKEN_FORM = 16 << 10
+
+
+async def token(request: web.Request) -> web.Response:
+    """The token service: GET (Basic credentials optional) and the OAuth2 password grant
+    (POST, as containerd sends it). Grants what ``decide`` allows of the scopes asked."""
+    request[ROUTE_KEY] = "token"
+    control = request.app[ACCESS_KEY]
+    if control.tokens is None:
+        raise RouteUnknown("the token service is off: access control is not configured")
+    address = control.address(request)
+    await control.limits.admit_request(f"ip:{address}", "anonymous")
+    credential = None
+    if request.method == "POST":
+        if (request.content_length or 0) > MAX_TOKEN_FORM:
+            raise Unauthorized("token request too large")
+        form = await request.post()
+        grant = form.get("grant_type")
+        if grant != "password":
+            raise Unsupported(f"grant_type {str(grant)[:40]!r} is not supported; use password")
+        username, password = form.get("username"), form.get("password")
+        if not isinstance(username, str) or not isinstance(password, str) or not username:
+            raise Unauthorized("username and password are required")
+        credential = Credential(username, password)
+        scope_value = form.get("scope")
+        scopes = str(scope_value).split() if isinstance(scope_value, str) else []
+    else:
+        presented = parse_authorization(request.headers.get("Authorization"))
+        if presented is not None:
+            if presented.credential is None:
+                raise Unauthorized("the token service takes Basic credentials")
+            credential = presented.credential
+        scopes = [s for value in request.query.getall("scope", []) for s in value.split()]
+    service = request.query.get("service")
+    if service is not None and service != control.service:
+        raise Unauthorized(f"tokens are issued for service {control.service!r} only")
+    if len(scopes) > MAX_SCOPES:
+        raise Unauthorized(f"at most {MAX_SCOPES} scopes per token")
+    try:
+        answer = await control.issue(request, credential, scopes)
+    except Unauthorized as exc:
+        metrics.ACCESS_DECISIONS.labels("deny", "bad_credentials").inc()
+        exc.headers.setdefault("WWW-Authenticate", 'Basic realm="registry-proxy"')
+        raise
+    return web.json_response(answer)
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """The top identities by requests (``?top=N``, default 20), for ``access.admins``."""
+    request[ROUTE_KEY] = "admin"
+    control = request.app[ACCESS_KEY]
+    identity = await control.identify(request)
+    if not control.is_admin(identity):
+        if not identity.authenticated:
+            raise Unauthorized(
+                "authentication required",
+                headers={"WWW-Authenticate": control.challenge(request, None, None)},
+            )
+        raise Denied("the admin endpoints are for access.admins")
+    top = request.query.get("top", "20")
+    count = min(int(top), 1000) if top.isdigit() and int(top) > 0 else 20
+    return web.json_response({"identities": await control.usage.top(count)})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

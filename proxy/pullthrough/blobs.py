@@ -33,6 +33,7 @@ from proxy.interfaces import (
     BlobProvider,
     BlobSource,
     BlobStatter,
+    ColdFetchGate,
     FetchingBlob,
     LinkService,
     LocalBlob,
@@ -140,12 +141,14 @@ class FetchedBlobs(RepositoryBlobs):
         repo: str,
         inflight: InflightBlobFetches,
         descriptors: BlobDescriptorService,
+        gate: ColdFetchGate | None = None,
     ) -> None:
         self._source = source
         self._repo = repo
         self._origin = (source.name, repo)
         self._inflight = inflight
         self._descriptors = descriptors
+        self._gate = gate
 
     async def stat(self, digest: Digest) -> Descriptor:
         """A HEAD upstream, unless a fetch for this repository has its answer already.
@@ -160,7 +163,11 @@ class FetchedBlobs(RepositoryBlobs):
 
     async def open(self, digest: Digest) -> OpenedBlob:
         """Join the fetch of ``digest`` in progress, or start one for this repository;
-        returns once the upstream's headers are in (``BlobUnknown`` on its 404)."""
+        returns once the upstream's headers are in (``BlobUnknown`` on its 404).
+
+        Only starting a fetch passes the ``gate`` (quotas): joining one costs nothing."""
+        if self._gate is not None and self._inflight.get(digest) is None:
+            await self._gate.admit()
         fetch, coalesced = self._inflight.join(
             digest, lambda: self._source.open_blob(self._repo, digest), self._origin
         )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from proxy import metrics
 from proxy.errors import ManifestUnknown, NotAcceptable, TooManyRequests, UpstreamError
-from proxy.interfaces import LinkService, ManifestSource, TagEntry, TagService
+from proxy.interfaces import ColdFetchGate, LinkService, ManifestSource, TagEntry, TagService
 from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Outcome, Reference, accepts, references
 from proxy.pullthrough.blobs import RepositoryScope
 from proxy.pullthrough.coalesce import Coalescer
@@ -68,14 +68,32 @@ class ProxyManifestService:
     async def close(self) -> None:
         await self._coalescer.close()
 
-    async def get(self, repo: str, reference: Reference, accept: str | None) -> ManifestResult:
-        """The manifest for ``reference``; raises ManifestUnknown and upstream errors."""
-        if reference.digest is not None:
-            return await self._get_by_digest(repo, reference.digest, accept)
-        assert reference.tag is not None
-        return await self._get_by_tag(repo, reference.tag, accept)
+    async def get(
+        self,
+        repo: str,
+        reference: Reference,
+        accept: str | None,
+        gate: ColdFetchGate | None = None,
+    ) -> ManifestResult:
+        """The manifest for ``reference``; raises ManifestUnknown and upstream errors.
 
-    async def _get_by_digest(self, repo: str, digest: Digest, accept: str | None) -> ManifestResult:
+        ``gate`` is asked before a manifest is fetched from upstream (not before a HEAD
+        that revalidates a tag): per-identity quotas."""
+        if reference.digest is not None:
+            return await self._get_by_digest(repo, reference.digest, accept, gate)
+        assert reference.tag is not None
+        return await self._get_by_tag(repo, reference.tag, accept, gate)
+
+    async def _admit(self, gate: ColdFetchGate | None) -> None:
+        """A cold fetch: refused while the upstream's pull budget is under its floor (or
+        its breaker is open), then by the identity's quota."""
+        self._upstream.health.refuse_cold_pull()
+        if gate is not None:
+            await gate.admit()
+
+    async def _get_by_digest(
+        self, repo: str, digest: Digest, accept: str | None, gate: ColdFetchGate | None
+    ) -> ManifestResult:
         local = await self._store.get(digest)
         scope = self._scope(repo)
         if local is not None and not await scope.holds(digest):
@@ -88,12 +106,14 @@ class ProxyManifestService:
             raise NotAcceptable(
                 f"manifest {digest} is {local.media_type}, which the Accept header refuses"
             )
-        self._upstream.health.refuse_cold_pull()
+        await self._admit(gate)
         key = ("digest", repo, str(digest))
         manifest = await self._coalescer.run(key, lambda: self._fetch(repo, str(digest), accept))
         return ManifestResult(manifest, Outcome.MISS)
 
-    async def _get_by_tag(self, repo: str, tag: str, accept: str | None) -> ManifestResult:
+    async def _get_by_tag(
+        self, repo: str, tag: str, accept: str | None, gate: ColdFetchGate | None
+    ) -> ManifestResult:
         entry = await self._tags.get(self._settings.name, repo, tag_key(tag, accept))
         if entry is not None and accepts(accept, entry.media_type):
             local = await self._store.get(entry.digest)
@@ -106,8 +126,8 @@ class ProxyManifestService:
             if fresh:
                 # Another replica resolved the tag (shared Redis) but this disk lacks the
                 # manifest: fetch what the tag points to by digest, so the replicas agree.
-                return await self._get_by_digest(repo, entry.digest, accept)
-        self._upstream.health.refuse_cold_pull()
+                return await self._get_by_digest(repo, entry.digest, accept, gate)
+        await self._admit(gate)
         key = ("tag", repo, tag, _accept_key(accept))
         manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))
         return ManifestResult(manifest, Outcome.MISS)

@@ -7,10 +7,12 @@ The descriptor cache, shared by every repository, is built once::
 with each layer wrapped in ``instrumented(<layer>)``. A blob request gets one chain for its
 (upstream, repository), outermost first (``proxy.pullthrough.blobs``)::
 
-    [middleware ..., e.g. access control, quotas]   from the registry's ``middleware``
-      -> ScopedBlobs(links)                 only digests this repository holds
-        -> LocalBlobs(store, descriptors)   the committed file; HEAD from the cache
-          -> FetchedBlobs(upstream)         join or start the fetch; HEAD upstream
+    [middleware ...]                      the registry's, then the request's:
+                                          AccessControlledBlobs (proxy.access.control)
+      -> ScopedBlobs(links)               only digests this repository holds
+        -> LocalBlobs(store, descriptors) the committed file; HEAD from the cache
+          -> FetchedBlobs(upstream, gate) join or start the fetch (quotas are asked
+                                          before one is started); HEAD upstream
 
 Tags and links: an in-memory L1 before an L2 that is Redis when configured, else a
 SQLite file in the cache directory.
@@ -45,6 +47,7 @@ from proxy.interfaces import (
     BlobProvider,
     BlobSource,
     BlobStatter,
+    ColdFetchGate,
     LinkService,
     RepositoryBlobs,
     TagService,
@@ -87,12 +90,14 @@ def build_repository_blobs(
     links: LinkService,
     inflight: InflightBlobFetches,
     middleware: Sequence[BlobMiddleware] = (),
+    gate: ColdFetchGate | None = None,
 ) -> RepositoryBlobs:
     """One repository's blob chain; the first middleware in the list is the outermost.
 
     ``committed`` says whether the local store holds a blob (``local_statter``) and
-    ``files`` where; ``descriptors`` is the shared descriptor cache."""
-    fetched = FetchedBlobs(source, repo, inflight, descriptors)
+    ``files`` where; ``descriptors`` is the shared descriptor cache; ``gate`` is asked
+    before a fetch is started (quotas)."""
+    fetched = FetchedBlobs(source, repo, inflight, descriptors, gate)
     scope = RepositoryScope(links, source.name, repo)
     service: RepositoryBlobs = ScopedBlobs(
         scope, LocalBlobs(committed, files, descriptors, fetched), fetched
@@ -114,9 +119,7 @@ class UpstreamServices:
 class PullThroughRegistry:
     """Everything the API needs, built from settings; opened and closed by the app."""
 
-    def __init__(
-        self, settings: Settings, *, middleware: Sequence[BlobMiddleware] = ()
-    ) -> None:
+    def __init__(self, settings: Settings, *, middleware: Sequence[BlobMiddleware] = ()) -> None:
         self.settings = settings
         self.middleware = tuple(middleware)
         self.store = DiskBlobStore(settings.cache_dir, min_free=settings.min_free)
@@ -211,8 +214,16 @@ class PullThroughRegistry:
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]
 
-    def blobs(self, upstream: UpstreamSettings, repo: str) -> RepositoryBlobs:
-        """The blob chain for one request to ``<upstream>/<repo>``."""
+    def blobs(
+        self,
+        upstream: UpstreamSettings,
+        repo: str,
+        *,
+        middleware: Sequence[BlobMiddleware] = (),
+        gate: ColdFetchGate | None = None,
+    ) -> RepositoryBlobs:
+        """The blob chain for one request to ``<upstream>/<repo>``: the registry's
+        middleware outermost, then the request's (access control), then the layers."""
         return build_repository_blobs(
             self.upstreams[upstream.name].client,
             repo,
@@ -221,7 +232,8 @@ class PullThroughRegistry:
             descriptors=self.descriptors,
             links=self.links,
             inflight=self.inflight,
-            middleware=self.middleware,
+            middleware=(*self.middleware, *middleware),
+            gate=gate,
         )
 
 

@@ -285,6 +285,8 @@ class UpstreamClient(BlobSource, ManifestSource):
         headers: dict[str, str],
         auth: str | None,
         params: Mapping[str, str] | None = None,
+        *,
+        redirects: bool = True,
     ) -> aiohttp.ClientResponse:
         if auth is not None:
             headers = {**headers, "Authorization": auth}
@@ -292,7 +294,7 @@ class UpstreamClient(BlobSource, ManifestSource):
         # target elsewhere may redirect again, and gets no credentials of ours.
         same = _origin(url) == self._origin
         return await self._session.request(
-            method, url, headers=headers, params=params, allow_redirects=not same
+            method, url, headers=headers, params=params, allow_redirects=redirects and not same
         )
 
     async def ping(self) -> None:
@@ -300,6 +302,60 @@ class UpstreamClient(BlobSource, ManifestSource):
         async with self._send("GET", "/v2/", None) as resp:
             if resp.status != 200:
                 raise UpstreamError(f"upstream {self.name} answered {resp.status} on /v2/")
+
+    async def check_access(
+        self,
+        repo: str | None,
+        reference: str | None,
+        username: str | None,
+        password: str | None,
+    ) -> bool | None:
+        """Whether the upstream serves ``repo`` to these credentials (None: anonymously).
+
+        The probe is a HEAD of the manifest ``reference`` when there is one (Docker Hub
+        does not count a HEAD as a pull), else ``GET tags/list?n=1``; with no ``repo``,
+        ``GET /v2/`` (a login: are these credentials good at all). A token for the
+        repository's pull scope is asked for first when the upstream challenges. True on
+        2xx or a redirect, False on 401/403 (or refused credentials at the token service),
+        None when the answer proves nothing either way (404, 429): the caller must not
+        remember it. ``UpstreamUnavailable`` when the upstream cannot be asked.
+        """
+        self.health.check()
+        auth = UpstreamAuth(self._session, username, password)
+        params: dict[str, str] | None = None
+        headers: dict[str, str] = {}
+        if repo is None:
+            method, path = "GET", "/v2/"
+        elif reference is not None:
+            method, path = "HEAD", f"/v2/{repo}/manifests/{reference}"
+            headers = {"Accept": DEFAULT_MANIFEST_ACCEPT}
+        else:
+            method, path, params = "GET", f"/v2/{repo}/tags/list", {"n": "1"}
+        url = self._base + path
+        try:
+            resp = await self._request(method, url, headers, None, params, redirects=False)
+            status = resp.status
+            challenge = resp.headers.get("WWW-Authenticate")
+            resp.release()
+            if status == 401:
+                try:
+                    header = await auth.on_challenge(challenge, repo)
+                except Denied:
+                    return False
+                if header is None:
+                    return False
+                resp = await self._request(method, url, headers, header, params, redirects=False)
+                status = resp.status
+                resp.release()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"upstream {self.name} unreachable: {exc!r}") from exc
+        if status < 400:
+            return True
+        if status in (401, 403):
+            return False
+        if status >= 500:
+            raise UpstreamError(f"upstream {self.name} answered {status} to an access check")
+        return None
 
     async def get_manifest(
         self, repo: str, reference: str, accept: str | None, *, head: bool = False

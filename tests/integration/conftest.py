@@ -7,6 +7,12 @@ the rig in ``tests/rig``. Test modules ask for these by name and never import th
 - ``lying_upstream``: a fake upstream that serves wrong blob bytes.
 - ``redis_server``: redis-server (``.url``, ``.kill()``, ``.pause()``...).
 - ``containerd``: a private containerd with ``ctr``.
+- ``dockerd_factory``: ``dockerd_factory(registry_mirrors=[...], insecure_registries=[...],
+  config={...})`` -> a started private :class:`Dockerd` (stopped at teardown).
+- ``podman``: :class:`Podman` with a private storage root (removed at teardown).
+- ``base_rootfs`` (session): the mmdebstrap-made base root file system
+  (:class:`BaseRootfs`: ``.tarball``), made once per run; ``REGISTRY_PROXY_TEST_BASE_ROOTFS``
+  names an existing tarball to use instead (local iterations only).
 - ``world``: three upstreams (anonymous, Basic, token) behind one proxy.
 - ``skopeo``: :class:`Skopeo` with a private scratch dir.
 - ``http``: an aiohttp ClientSession for direct requests.
@@ -22,15 +28,18 @@ A missing binary skips the test, or fails it when CI=true.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.rig.base_image import MMDEBSTRAP_BINARY, BaseRootfs, make_base_rootfs
 from tests.rig.containerd import CONTAINERD_BINARY, CTR_BINARY, Containerd
+from tests.rig.dockerd import DOCKER_BINARY, DOCKERD_BINARY, Dockerd, DockerdFactory
 from tests.rig.faults import FaultProxy
+from tests.rig.podman import PODMAN_BINARY, Podman
 from tests.rig.proxy_app import (
     ProxyFactory,
     ProxyUnderTest,
@@ -47,6 +56,16 @@ from tests.rig.upstreams import LyingUpstream
 from tests.rig.world import World, running_world
 
 from .binaries import binary_or_skip
+from .report import IMAGE_REPORT
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(IMAGE_REPORT, None)
+    if report is not None:
+        terminalreporter.write_line(
+            f"container image: {report.size / 1e6:.1f} MB, docker build"
+            f" {report.build_seconds:.1f} s (mmdebstrap base {report.base_seconds:.1f} s)"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -93,6 +112,57 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
     binaries = binary_or_skip(CONTAINERD_BINARY), binary_or_skip(CTR_BINARY)
     with Containerd(*binaries, tmp_path / "containerd.log") as daemon:
         yield daemon
+
+
+@pytest.fixture
+def dockerd_factory(tmp_path: Path) -> Iterator[DockerdFactory]:
+    """``dockerd_factory(registry_mirrors=..., insecure_registries=..., config=...)``: a
+    started private dockerd (see :mod:`tests.rig.dockerd`); all stopped at teardown, by
+    PID, the last started first."""
+    binaries = binary_or_skip(DOCKERD_BINARY), binary_or_skip(DOCKER_BINARY)
+    started: list[Dockerd] = []
+
+    def factory(
+        *,
+        registry_mirrors: Sequence[str] = (),
+        insecure_registries: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+    ) -> Dockerd:
+        daemon = Dockerd(
+            *binaries,
+            tmp_path / f"dockerd{len(started) or ''}.log",
+            registry_mirrors=registry_mirrors,
+            insecure_registries=insecure_registries,
+            config=config,
+        )
+        started.append(daemon)
+        daemon.start()
+        return daemon
+
+    try:
+        yield factory
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()
+
+
+@pytest.fixture
+def podman(tmp_path: Path) -> Iterator[Podman]:
+    client = Podman(tmp_path / "podman", binary=binary_or_skip(PODMAN_BINARY))
+    try:
+        yield client
+    finally:
+        client.cleanup()
+
+
+@pytest.fixture(scope="session")
+def base_rootfs(tmp_path_factory: pytest.TempPathFactory) -> BaseRootfs:
+    """Debian bookworm + python3 from mmdebstrap, once per test run."""
+    given = os.environ.get("REGISTRY_PROXY_TEST_BASE_ROOTFS")
+    if given:
+        return BaseRootfs(tarball=Path(given), seconds=0.0)
+    binary_or_skip(MMDEBSTRAP_BINARY)
+    return make_base_rootfs(tmp_path_factory.mktemp("base") / "base.tar")
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
@@ -176,6 +177,19 @@ async def observed_proxy(
     mapping["cache"]["redis"] = redis_server.url
     mapping["cache"]["max_size"] = "1GiB"  # a limit, so disk_limit_bytes is not 0
     mapping["upstreams"].append({"name": "liar", "url": lying_upstream.url})
+    # Access control engaged (a local user, a rule of its own) and limits configured, so
+    # the access row has its series; the scenario is denied once.
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ops:{bcrypt.hashpw(b'ops-pw', bcrypt.gensalt(4)).decode()}\n")
+    mapping["auth"] = {"htpasswd": str(htpasswd)}
+    mapping["access"] = {
+        "admins": ["ops"],
+        "rules": [
+            {"repos": "**", "pull": ["anonymous"]},
+            {"repos": "up/private/**", "pull": ["ops"]},
+        ],
+    }
+    mapping["limits"] = {"requests": "10000/s", "cold_fetches": "10000/1h"}
     proxy = await serve_proxy(mapping)
     try:
         yield proxy
@@ -282,6 +296,10 @@ async def run_scenario(
     )
     assert (status, cache) == (200, "STALE")
 
+    # Access control: an anonymous client kept out of a repository only ops may pull.
+    status, _, _ = await get(http, f"{proxy.url}/v2/private/app/manifests/v1")
+    assert status == 401
+
     # /readyz pings Redis.
     async with http.get(proxy.url + "/readyz") as response:
         assert response.status == 200
@@ -359,6 +377,9 @@ async def test_every_dashboard_expression_returns_data(
         'sum(registry_proxy_upstream_requests_total{status="error"})': lambda v: v >= 1,
         'sum(registry_proxy_upstream_requests_total{status="4xx"})': lambda v: v >= 1,
         "max(registry_proxy_disk_blobs)": lambda v: v >= 1,
+        'sum(registry_proxy_access_decisions_total{decision="deny"})': lambda v: v >= 1,
+        'sum(registry_proxy_access_decisions_total{reason="public"})': lambda v: v >= 1,
+        'sum(registry_proxy_identity_usage_total{counter="requests"})': lambda v: v >= 1,
     }
     wrong: list[str] = []
     for expr, check in expected.items():

@@ -389,6 +389,7 @@ async def test_blob_redirect_to_another_origin_carries_no_credentials(
             "url": redirecting.url,
             "username": upstream.credentials.username,
             "password": upstream.credentials.password,
+            "visibility": "public",
         }
         proxy = await world.start_proxy(extra_upstreams=[entry])
         world.clear_logs()

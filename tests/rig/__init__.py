@@ -7,6 +7,11 @@
   peer); ``redis_server``: redis-server; ``containerd``: containerd and ``ctr``;
   ``prometheus``: Prometheus and its query API.
 - ``skopeo``: skopeo copy (push and pull) in a hermetic environment.
+- ``dockerd``: a private Docker daemon and the ``docker`` CLI (mirrors, pull and inspect,
+  import, classic builds); ``podman``: podman with private storage, pulling through a
+  ``registries.conf`` mirror, ``login`` to an auth file; ``engine``: what both report
+  (:class:`~.engine.PulledImage`) and the dead HTTP proxy that keeps them off public
+  registries; ``base_image``: the mmdebstrap-made base of the container image.
 - ``oci``: media types, config/manifest documents, generated OCI layouts;
   ``distribution``: a distribution-API client (blob and manifest push and fetch, streamed
   uploads, raw requests, seeding an upstream).

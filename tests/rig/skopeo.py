@@ -118,17 +118,21 @@ class Skopeo:
         arch: str | None = None,
         os_name: str = "linux",
         time_limit: float = SKOPEO_TIMEOUT,
+        creds: str | None = None,
     ) -> None:
         """``skopeo copy docker://HOST/REFERENCE oci:DEST:TAG`` over plain HTTP.
 
         ``reference`` is ``repo:tag`` or ``repo@sha256:...``. ``all_images`` keeps every
-        platform of a list; ``arch`` picks one platform (``--override-arch``)."""
+        platform of a list; ``arch`` picks one platform (``--override-arch``); ``creds``
+        (``user:password``) is passed as ``--src-creds``."""
         args: list[str] = []
         if arch is not None:
             args += ["--override-arch", arch, "--override-os", os_name]
         args += ["copy", "--retry-times", "0", "--src-tls-verify=false"]
         if all_images:
             args.append("--all")
+        if creds is not None:
+            args += ["--src-creds", creds]
         await self.run(
             *args, f"docker://{host}/{reference}", f"oci:{dest}:{tag}", time_limit=time_limit
         )

@@ -105,10 +105,21 @@ class World:
         tok: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
         extra_upstreams: list[dict[str, Any]] | None = None,
+        visibility: str | None = "public",
+        settings: Mapping[str, Any] | None = None,
     ) -> ProxyUnderTest:
         """A proxy in front of all three upstreams; ``basic``/``tok`` override keys of
-        those upstreams' entries, ``environ`` what ``password_env`` reads."""
+        those upstreams' entries, ``environ`` what ``password_env`` reads, ``settings``
+        top-level keys (``auth``, ``access``, ``limits``...).
+
+        ``settings["cache"]`` adds keys to the cache section (``redis``).
+
+        ``visibility`` of the two private upstreams: ``public`` by default, the operator's
+        explicit "serve what the proxy's credentials fetch to everyone", which the tests
+        of routing and formats assume; None leaves the secure default (``auto``), which
+        the access-control tests test."""
         assert self.basic.credentials is not None and self.tok.credentials is not None
+        shown = {"visibility": visibility} if visibility is not None else {}
         entries = [
             upstream_entry(self.anon, aliases=[ANON_ALIAS], default=True),
             {
@@ -116,6 +127,7 @@ class World:
                     self.basic,
                     username=self.basic.credentials.username,
                     password_env=BASIC_PASSWORD_ENV,
+                    **shown,
                 ),
                 **(basic or {}),
             },
@@ -124,6 +136,7 @@ class World:
                     self.tok,
                     username=self.tok.credentials.username,
                     password=self.tok.credentials.password,
+                    **shown,
                 ),
                 **(tok or {}),
             },
@@ -133,9 +146,10 @@ class World:
         mapping = {
             "listen": "127.0.0.1:0",
             "log_level": "debug",
-            "cache": {"dir": str(cache_dir)},
             "upstreams": entries,
+            **(settings or {}),
         }
+        mapping["cache"] = {"dir": str(cache_dir), **(settings or {}).get("cache", {})}
         if environ is None:
             environ = {BASIC_PASSWORD_ENV: self.basic.credentials.password}
         return await self._proxies.add(serve_proxy(mapping, environ=environ))

@@ -1,0 +1,1 @@
+"""Access control: identities, rules, tokens, pass-through and limits."""
