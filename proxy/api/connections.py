@@ -446,7 +446,11 @@ class GuardedServer(web.Server):
                         }
                     ]
                 }
-                response = web.json_response(body, status=505)
+                response = web.json_response(
+                    body,
+                    status=505,
+                    headers={"Docker-Distribution-API-Version": "registry/2.0"},
+                )
                 response.force_close()
                 return response
             return await handler(request)
