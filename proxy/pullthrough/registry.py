@@ -165,7 +165,7 @@ class PullThroughRegistry:
     def __init__(self, settings: Settings, *, middleware: Sequence[BlobMiddleware] = ()) -> None:
         self.settings = settings
         self.middleware = tuple(middleware)
-        self.store = DiskBlobStore(settings.cache_dir)
+        self.store = DiskBlobStore(settings.cache_dir, min_free=settings.min_free)
         self.redis = RedisLayer(connect(settings.redis_url)) if settings.redis_url else None
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
@@ -208,6 +208,7 @@ class PullThroughRegistry:
             busy=lambda digest: self.inflight.get(digest) is not None,
         )
         self.store.on_commit = self.evictor.maybe_start
+        self.store.on_space_needed = lambda: self.evictor.maybe_start(low_space=True)
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -244,8 +245,11 @@ class PullThroughRegistry:
             )
 
     async def _manifest_on_disk(self, digest: Digest) -> bool:
-        """Whether ``digest`` is on disk once no removal of it is under way."""
+        """Whether the manifest ``digest`` is held, once no removal of it is under way: on
+        disk, or in memory only (the disk could not take it: served from there)."""
         await self.evictor.settled(digest)
+        if self.manifest_store.in_memory(digest):
+            return True
         return await asyncio.to_thread(self.store.path(digest).exists)
 
     async def _count(self, *, evict: bool) -> None:
@@ -301,8 +305,9 @@ class PullThroughRegistry:
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable. Upstream and
         Redis states are reported; neither makes the proxy unready, since it serves its
-        cache without them."""
+        cache without them. Nor does low space: misses are then served pass-through."""
         writable = await asyncio.to_thread(self.store.writable)
+        free, min_free = await asyncio.to_thread(self.store.space)
         report: dict[str, object] = {
             "cache": {
                 "dir": str(self.settings.cache_dir),
@@ -310,6 +315,9 @@ class PullThroughRegistry:
                 "indexed": not self.store.counting,
                 "files": self.store.blob_count,
                 "bytes": self.store.used_bytes,
+                "free_bytes": max(free, 0),
+                "min_free_bytes": min_free,
+                "low_space": free < min_free,
             },
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import metrics
-from proxy.errors import RegistryError
+from proxy.errors import CacheWriteFailed, RegistryError
 from proxy.interfaces import FetchingBlob
 from proxy.model import (
     MANIFEST_MEDIA_TYPES,
@@ -90,6 +90,8 @@ class Warmer:
             await self._warm(upstream, repo, reference, platforms, warmed, on_event)
         except RegistryError as exc:
             warmed.error = f"{exc.code}: {exc.message}"
+        except CacheWriteFailed as exc:  # the disk is full: fetched, but not kept
+            warmed.error = f"not cached ({exc.reason}): {exc.message}"
         except (OSError, ValueError) as exc:
             warmed.error = f"{type(exc).__name__}: {exc}"
         metrics.PREWARM_IMAGES.labels("failed" if warmed.error else "ok").inc()

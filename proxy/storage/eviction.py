@@ -25,7 +25,11 @@ snapshot. Deleting an open file is safe on POSIX: a client already reading it ke
 reading.
 
 ``maybe_start()`` is the entry point for anything that learns the disk is short of
-room (each commit, start-up, a write failing with ENOSPC).
+room (each commit, start-up). Low space: ``maybe_start(low_space=True)`` (the store's
+``on_space_needed``: a write failed, or free space is under ``cache.min_free``) starts a
+pass whatever the size bound, which goes on until free space is back over
+``LOW_SPACE_HEADROOM`` times ``min_free``, in the same order and with the same rules for
+what may go.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.9
 LOW_WATERMARK = 0.8
 MIN_AGE = 300.0
+LOW_SPACE_HEADROOM = 1.5
 
 
 class CacheLayers(Protocol):
@@ -201,6 +206,7 @@ class Evictor:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._again_low_space = False
         self._removing: dict[Digest, asyncio.Event] = {}
         self.lock = asyncio.Lock()
         """Held by a pass; operations that remove content (GC, ``cache evict``) take it."""
@@ -216,20 +222,24 @@ class Evictor:
         listed = await asyncio.to_thread(self._store.list_committed)
         return {digest: (mtime, size) for digest, mtime, size in listed}
 
-    def maybe_start(self) -> None:
-        """Start a pass if past the high watermark and none is running. Never blocks.
+    def maybe_start(self, *, low_space: bool = False) -> None:
+        """Start a pass if past the high watermark (or ``low_space``) and none is running.
+        Never blocks.
 
         Called during a pass, it asks for one more after it: the running pass planned
         from a snapshot taken before what was committed since."""
-        if self._high is None or self._store.counting:
-            return  # unbounded, or the start-up count is not done (it calls again)
-        if self._store.used_bytes <= self._high:
+        if self._store.counting:
+            return  # the start-up count is not done (it calls again when it is)
+        over = self._high is not None and self._store.used_bytes > self._high
+        if not (over or low_space):
             return
         if self._task is not None:
             self._again = True
+            self._again_low_space = self._again_low_space or low_space
             return
         self._again = False
-        self._task = asyncio.create_task(self._pass(), name="eviction")
+        self._again_low_space = False
+        self._task = asyncio.create_task(self._pass(low_space), name="eviction")
         self._task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -239,7 +249,7 @@ class Evictor:
         if task.exception() is not None:
             log.error("eviction pass failed", exc_info=task.exception())
         elif self._again:
-            self.maybe_start()
+            self.maybe_start(low_space=self._again_low_space)
 
     async def wait(self) -> None:
         """Wait until no pass runs or is due (tests, shutdown)."""
@@ -283,25 +293,32 @@ class Evictor:
         self.last_plan = plan
         return plan
 
-    async def _pass(self) -> None:
+    def _short_of_space(self) -> bool:
+        free, threshold = self._store.space()
+        return free < threshold * LOW_SPACE_HEADROOM
+
+    async def _pass(self, low_space: bool = False) -> None:
         async with self.lock:
             plan = await self.plan()
             removed = freed = 0
             kept: set[Digest] = set()
             for victim in plan.victims:
-                if self._store.used_bytes <= self._low:
+                over = self._high is not None and self._store.used_bytes > self._low
+                if not over and not (low_space and await asyncio.to_thread(self._short_of_space)):
                     break
-                size = await self.remove(victim.without(kept), "size")
+                reason = "size" if over else "space"
+                size = await self.remove(victim.without(kept), reason)
                 if size is None:
                     kept |= victim.members  # used meanwhile: what it shares stays too
                 else:
                     removed += 1
                     freed += size
-            if removed:
+            if removed or low_space:
                 log.info(
-                    "evicted %d images and loose blobs (%d bytes); %d bytes in use of %d",
+                    "evicted %d images and loose blobs (%d bytes)%s; %d bytes in use (limit %s)",
                     removed,
                     freed,
+                    " for free space" if low_space else "",
                     self._store.used_bytes,
                     self._max,
                 )

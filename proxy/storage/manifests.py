@@ -12,16 +12,19 @@ that commit never takes the blobs of an image that is being pulled.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
 from proxy import metrics
-from proxy.errors import BlobUnknown
+from proxy.errors import BlobUnknown, CacheWriteFailed
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, references, sniff_media_type
 from proxy.storage.disk import DiskBlobStore
 from proxy.storage.index import CacheIndex
+
+log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 << 20
 DEFAULT_MEMORY_BYTES = 64 << 20
@@ -76,18 +79,30 @@ class ManifestStore:
         return manifest
 
     async def put(self, digest: Digest, media_type: str, body: bytes) -> StoredManifest:
-        """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs."""
+        """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs.
+        When the disk cannot take it, it is kept in memory only (and served from there),
+        and the index does not record it (there is nothing on disk to evict)."""
         if self._before_put is not None:
             await self._before_put(digest)
         children = references(body) if self._index is not None else []
         if self._index is not None:
             self._index.times.touch([digest, *children])
-        await self._store.put(digest, body)
-        if self._index is not None:
-            await self._index.record_manifest(digest, media_type, len(body), children)
+        try:
+            await self._store.put(digest, body)
+        except CacheWriteFailed as failure:
+            metrics.PASSTHROUGH_FETCHES.labels(failure.reason).inc()
+            log.warning(
+                "manifest kept in memory only: %s", failure.message, extra={"digest": str(digest)}
+            )
+        else:
+            if self._index is not None:
+                await self._index.record_manifest(digest, media_type, len(body), children)
         manifest = StoredManifest(digest, media_type, body)
         self._memory[digest] = manifest
         return manifest
+
+    def in_memory(self, digest: Digest) -> bool:
+        return digest in self._memory
 
     def forget(self, digest: Digest) -> None:
         """Drop ``digest`` from memory (its file is being removed)."""

@@ -13,6 +13,8 @@ recorded in ``log``) that can be told to misbehave the way real upstreams do:
 - ``cut_blob(after, ...)``: for the next blob GET (without ``Range``, unless ``ranged``),
   send the headers with the full ``Content-Length``, then ``after`` bytes, then close (or
   abort) the connection.
+- ``pause_blob(after, ...)``: for the next blob GET, send ``after`` bytes of the body,
+  then hold the rest until ``resume()`` (``reached`` is set when the pause begins).
 - ``strip_range = True``: drop ``Range`` before forwarding, so the registry answers 200
   with the whole body (an upstream without range support).
 - ``ratelimit_remaining = N``: add Docker Hub's ``ratelimit-limit: 100;w=21600`` and
@@ -115,6 +117,24 @@ class Cut:
 
 
 @dataclass
+class Pause:
+    """A blob body held after ``after`` bytes until :meth:`resume`."""
+
+    after: int
+    match: Match
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    taken: bool = False
+
+    async def hold(self) -> None:
+        self.reached.set()
+        await self.released.wait()
+
+    def resume(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class Stall:
     match: Match
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,12 +153,15 @@ class FaultProxy(PassThrough):
         self._refusing = False
         self._failures: list[Failure] = []
         self._cuts: list[Cut] = []
+        self._pauses: list[Pause] = []
         self._stall: Stall | None = None
 
     # Life cycle ----------------------------------------------------------------------
 
     async def stop(self) -> None:
         self.release()
+        for pause in self._pauses:
+            pause.resume()
         await super().stop()
 
     async def refuse(self) -> None:
@@ -187,6 +210,12 @@ class FaultProxy(PassThrough):
         self._cuts.append(cut)
         return cut
 
+    def pause_blob(self, after: int, *, match: Match | None = None) -> Pause:
+        """Hold the body of the next matching blob GET after ``after`` bytes."""
+        pause = Pause(after, match or blobs("GET"))
+        self._pauses.append(pause)
+        return pause
+
     def stall(self, match: Match = anything) -> Stall:
         self.release()
         self._stall = Stall(match)
@@ -202,12 +231,15 @@ class FaultProxy(PassThrough):
 
     def clear_faults(self) -> None:
         self.release()
+        for pause in self._pauses:
+            pause.resume()
         self.reset = False
         self.strip_range = False
         self.ratelimit_remaining = None
         self.dropped_tags.clear()
         self._failures.clear()
         self._cuts.clear()
+        self._pauses.clear()
 
     # Handling ------------------------------------------------------------------------
 
@@ -227,6 +259,11 @@ class FaultProxy(PassThrough):
             if (repo, reference) in self.dropped_tags:
                 return oci_error(exchange, 404, "MANIFEST_UNKNOWN", "fault")
         cut = next((c for c in self._cuts if c.take(exchange)), None)
+        body_cut = BodyCut(cut.after, cut.abort) if cut is not None else None
+        pause = next((p for p in self._pauses if not p.taken and p.match(exchange)), None)
+        if pause is not None and body_cut is None:
+            pause.taken = True
+            body_cut = BodyCut(pause.after, pause=pause.hold)
         return await self.forward(
             request,
             exchange,
@@ -236,5 +273,5 @@ class FaultProxy(PassThrough):
                 if self.ratelimit_remaining is not None
                 else None
             ),
-            cut=BodyCut(cut.after, cut.abort) if cut is not None else None,
+            cut=body_cut,
         )

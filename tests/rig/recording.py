@@ -17,7 +17,7 @@ Nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -50,18 +50,29 @@ CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type"
 
 class LoopbackServer(LoopbackAddress):
     """An aiohttp application served in the running loop on 127.0.0.1 (port 0 by default,
-    or a fixed port so a stopped server can come back where clients expect it)."""
+    or a fixed port so a stopped server can come back where clients expect it).
+    ``runner`` builds the runner (default: ``web.AppRunner`` without an access log)."""
 
-    def __init__(self, app: web.Application, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        port: int = 0,
+        runner: Callable[[web.Application], web.AppRunner] | None = None,
+    ) -> None:
         self.app = app
         self.port = port
+        self._make_runner = runner
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        if self._make_runner is not None:
+            runner = self._make_runner(self.app)
+        else:
+            runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await runner.setup()
         self._runner = runner
         try:
@@ -292,10 +303,12 @@ def cut_connection(request: web.Request, exchange: Exchange, *, abort: bool) -> 
 
 @dataclass(frozen=True)
 class BodyCut:
-    """Where to end a relayed body: after ``after`` bytes, closing or aborting."""
+    """Where to end a relayed body: after ``after`` bytes, closing or aborting; or, with
+    ``pause``, where to await it before relaying the rest."""
 
     after: int
     abort: bool = False
+    pause: Callable[[], Awaitable[None]] | None = None
 
 
 class PassThrough(RecordingServer):
@@ -373,11 +386,14 @@ class PassThrough(RecordingServer):
                 if request.method != "HEAD":
                     async for chunk in upstream.content.iter_chunked(CHUNK):
                         if limit is not None and exchange.bytes_sent + len(chunk) >= limit:
-                            chunk = chunk[: limit - exchange.bytes_sent]
-                            await response.write(chunk)
-                            exchange.bytes_sent += len(chunk)
+                            head = chunk[: limit - exchange.bytes_sent]
+                            await response.write(head)
+                            exchange.bytes_sent += len(head)
                             assert cut is not None
-                            return cut_connection(request, exchange, abort=cut.abort)
+                            if cut.pause is None:
+                                return cut_connection(request, exchange, abort=cut.abort)
+                            await cut.pause()
+                            limit, chunk = None, chunk[len(head) :]
                         await response.write(chunk)
                         exchange.bytes_sent += len(chunk)
                 await response.write_eof()

@@ -589,6 +589,11 @@ TOP_LEVEL = {
     "pin_refresh": ("cache.pin_refresh", "pin_refresh", "1h", 3600.0),
     "gc_grace": ("cache.gc_grace", "gc_grace", "2h", 7200.0),
     "max_age": ("cache.max_age", "max_age", "30d", 30 * 86400.0),
+    "min_free": ("cache.min_free", "min_free", "5%", 0.05),
+    "header_timeout": ("server.header_timeout", "header_timeout", "5s", 5.0),
+    "keepalive_timeout": ("server.keepalive_timeout", "keepalive_timeout", "2m", 120.0),
+    "send_timeout": ("server.send_timeout", "send_timeout", "90s", 90.0),
+    "max_connections": ("server.max_connections", "max_connections", "700", 700),
 }
 # Options that set a field of the upstreams: name -> (field, text, value, which upstreams)
 UPSTREAM_OPTIONS = {
@@ -648,17 +653,6 @@ CACHE_MANAGEMENT_OPTIONS = {
 }
 
 
-def test_every_variable_of_before_still_exists_and_memory_entries_is_new() -> None:
-    names = {option.env for option in OPTIONS}
-    before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
-    before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
-    added = {"MEMORY_ENTRIES"} | CACHE_MANAGEMENT_OPTIONS
-    assert names == {ENV_PREFIX + name for name in before | added}
-    assert {option.flag for option in OPTIONS} == {
-        "--" + name.lower().replace("_", "-") for name in before | added
-    }
-
-
 def test_cache_management_defaults_and_rules() -> None:
     settings = Settings.from_mapping({}, environ={})
     assert (settings.high_watermark, settings.low_watermark) == (0.9, 0.8)
@@ -675,6 +669,36 @@ def test_cache_management_defaults_and_rules() -> None:
     with pytest.raises(ConfigError) as not_list:
         Settings.from_mapping({"cache": {"pin": "up/x:latest"}}, environ={})
     assert not_list.value.key == "cache.pin"
+
+
+def test_every_variable_of_before_still_exists_and_the_new_ones_are_named() -> None:
+    names = {option.env for option in OPTIONS}
+    before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
+    before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
+    new = {"MEMORY_ENTRIES", "MIN_FREE", "HEADER_TIMEOUT", "KEEPALIVE_TIMEOUT", "SEND_TIMEOUT"}
+    new |= {"MAX_CONNECTIONS"} | CACHE_MANAGEMENT_OPTIONS
+    assert names == {ENV_PREFIX + name for name in before | new}
+    assert {option.flag for option in OPTIONS} == {
+        "--" + name.lower().replace("_", "-") for name in before | new
+    }
+
+
+@pytest.mark.parametrize(
+    ("written", "value", "shown"),
+    [("5%", 0.05, "5%"), ("2GiB", 2 << 30, 2 << 30), (0, 0, 0), ("0.5%", 0.005, "0.5%")],
+)
+def test_min_free_is_a_size_or_a_share(written: object, value: float, shown: object) -> None:
+    settings = Settings.from_mapping({"cache": {"min_free": written}}, environ={})
+    assert settings.min_free == value
+    assert settings.to_dict()["cache"]["min_free"] == shown
+    assert Settings.from_mapping(settings.to_dict(), environ={}) == settings
+
+
+@pytest.mark.parametrize("written", ["100%", "-1%", "x%", "lots", -5])
+def test_a_bad_min_free_names_its_key(written: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"cache": {"min_free": written}}, environ={})
+    assert info.value.key == "cache.min_free"
 
 
 @pytest.mark.parametrize("field", sorted(TOP_LEVEL))

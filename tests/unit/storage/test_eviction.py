@@ -277,3 +277,20 @@ async def test_an_image_used_after_the_plan_keeps_what_it_shares_with_the_next_v
     # first) stayed with a, which is whole.
     assert not cache.on_disk(b) and not cache.on_disk(b_only)
     assert cache.on_disk(a) and cache.on_disk(a_only) and cache.on_disk(shared)
+
+
+async def test_low_space_evicts_without_a_size_bound_in_the_same_order(cache: Cache) -> None:
+    old = await cache.blob(os.urandom(1000), 5000)
+    layer = await cache.blob(os.urandom(1000), 5000)
+    image = await cache.image("app", "v1", [layer], age=4000)
+    recent = await cache.blob(os.urandom(1000), 10)
+    cache.store.min_free = 1 << 60  # from now on the filesystem is short of space
+    evictor = cache.evictor(None)  # no cache.max_size
+    evictor.maybe_start()
+    await evictor.wait()
+    assert cache.on_disk(old)  # nothing to do without a bound or a lack of space
+    evictor.maybe_start(low_space=True)
+    await evictor.wait()
+    assert not cache.on_disk(old) and not cache.on_disk(image) and not cache.on_disk(layer)
+    assert await cache.tags.get("up", "app", "v1") is None
+    assert cache.on_disk(recent)  # used within min_age: kept however short the space
