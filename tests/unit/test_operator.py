@@ -65,3 +65,22 @@ def test_ls_stats_evict_and_gc_on_a_stopped_directory(
 
     assert main(["cache", "verify", *where]) == 0
     assert "checked 0 blobs: 0 corrupt" in capsys.readouterr().out
+
+
+def test_the_progress_view_draws_bars_and_reports_each_image(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from proxy.operator import ProgressView
+
+    refs = ["up/app:v1", "up/gone:v1"]
+    with ProgressView(refs, bars=True) as view:
+        view.event({"event": "image", "name": refs[0], "total": 2048, "blobs": 2})
+        view.event({"event": "progress", "name": refs[0], "done": 1024})
+        view.event({"event": "done", "name": refs[0], "error": None, "bytes": 2048})
+        view.event({"event": "done", "name": refs[1], "error": "MANIFEST_UNKNOWN: no", "bytes": 0})
+        overall = view._progress.tasks[0]
+        assert overall.completed == 2 and overall.total == 2
+        image = view._progress.tasks[1]
+        assert image.completed == image.total == 2048
+    out = capsys.readouterr().out
+    assert "up/app:v1: ok" in out and "up/gone:v1: failed: MANIFEST_UNKNOWN: no" in out
