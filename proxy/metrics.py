@@ -146,6 +146,7 @@ def status_class(status: int) -> str:
     an operator can ignore."""
     return "429" if status == 429 else f"{status // 100}xx"
 
+
 # --- access control (labels: fixed reasons, and local user names or identity kinds) ----
 ACCESS_DECISIONS = Counter(
     PREFIX + "access_decisions_total",
@@ -161,7 +162,7 @@ ACCESS_CHECKS = Counter(
 )
 LIMIT_REJECTIONS = Counter(
     PREFIX + "limit_rejections_total",
-    "Requests refused with 429 by limit (requests|cold_fetches|cold_bytes|logins) and "
+    "Requests refused with 429 by limit (requests|cold_fetches|cold_bytes|logins|probes) and "
     "identity (a local user's name, else anonymous or passthrough)",
     ["limit", "identity"],
 )

@@ -82,6 +82,7 @@ DEFAULT_TOKEN_EXPIRY = 300.0
 DEFAULT_TOKEN_SERVICE = "registry-proxy"
 DEFAULT_DECISION_TTL = 300.0
 DEFAULT_VISIBILITY_TTL = 3600.0
+DEFAULT_PROBE_RATE = 120  # per minute
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -455,6 +456,9 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: Networks = ()
     decision_ttl: Duration = DEFAULT_DECISION_TTL
     visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
+    probe_rate: CountRate = Rate(DEFAULT_PROBE_RATE, 60.0)
+    """Upstream access checks (visibility, pass-through, logins) one client address may
+    cause; remembered answers cost none."""
 
 
 class AccessRule(msgspec.Struct, frozen=True, kw_only=True):

@@ -350,9 +350,7 @@ class GuardedRequestHandler(RequestHandler):
         log.debug("malformed request from %s: %s", request.remote, exc.message)
         metrics.MALFORMED_REQUESTS.inc()
         body = {
-            "errors": [
-                {"code": "UNSUPPORTED", "message": "malformed HTTP request", "detail": None}
-            ]
+            "errors": [{"code": "UNSUPPORTED", "message": "malformed HTTP request", "detail": None}]
         }
         response = web.json_response(body, status=status)
         response.force_close()

@@ -260,9 +260,7 @@ class FaultProxy(PassThrough):
                 return oci_error(exchange, 404, "MANIFEST_UNKNOWN", "fault")
         cut = next((c for c in self._cuts if c.take(exchange)), None)
         body_cut = BodyCut(cut.after, cut.abort) if cut is not None else None
-        pause = next(
-            (p for p in self._pauses if not p.taken and p.match(exchange)), None
-        )
+        pause = next((p for p in self._pauses if not p.taken and p.match(exchange)), None)
         if pause is not None and body_cut is None:
             pause.taken = True
             body_cut = BodyCut(pause.after, pause=pause.hold)
