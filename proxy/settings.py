@@ -86,6 +86,7 @@ DEFAULT_HIGH_WATERMARK = 0.9
 DEFAULT_LOW_WATERMARK = 0.8
 DEFAULT_MIN_AGE = 300.0
 DEFAULT_GC_GRACE = 3600.0
+DEFAULT_PROBE_RATE = 120  # per minute
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -474,6 +475,9 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: Networks = ()
     decision_ttl: Duration = DEFAULT_DECISION_TTL
     visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
+    probe_rate: CountRate = Rate(DEFAULT_PROBE_RATE, 60.0)
+    """Upstream access checks (visibility, pass-through, logins) one client address may
+    cause; remembered answers cost none."""
 
 
 class AccessRule(msgspec.Struct, frozen=True, kw_only=True):
