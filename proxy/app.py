@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.access.control import AccessControl
-from proxy.api import handlers
+from proxy.api import handlers, peer
 from proxy.api.accesslog import AccessLogger
 from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
 from proxy.pullthrough.registry import PullThroughRegistry
@@ -56,6 +56,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("GET", "/token", handlers.token)
     app.router.add_route("POST", "/token", handlers.token)
     app.router.add_get("/admin/usage", handlers.admin_usage)
+    app.router.add_get("/_cluster/blobs/{digest}", peer.peer_blob, allow_head=False)
+    app.router.add_route("*", "/_cluster/{tail:.*}", peer.other)
     return app
 
 

@@ -177,3 +177,30 @@ TOKENS_ISSUED = Counter(
     "Bearer tokens issued by the token service, by identity kind",
     ["kind"],
 )
+
+# --- cluster (proxy.cluster) -------------------------------------------------------------
+
+PEER_BYTES = Counter(
+    PREFIX + "peer_bytes_total",
+    "Blob bytes exchanged with other replicas over the peer endpoint, by direction (in|out)",
+    ["direction"],
+)
+PEER_REQUESTS = Counter(
+    PREFIX + "peer_requests_total",
+    "Requests to this replica's peer endpoint, by result (ok|denied|unknown|error)",
+    ["result"],
+)
+CLUSTER_LEASES = Counter(
+    PREFIX + "cluster_leases_total",
+    "Blob fetch leases asked for, by result: acquired (this replica fetches), followed "
+    "(another replica's fetch is followed), takeover (a dead owner's fetch continued "
+    "here), unavailable (Redis did not answer: per-process behaviour)",
+    ["result"],
+)
+CLUSTER_FETCHES = Counter(
+    PREFIX + "cluster_fetches_total",
+    "Blob fetches committed, by where their bytes came from: upstream, owner (followed "
+    "another replica's fetch), holder (filled from a replica that had it), mixed (a peer, "
+    "then the upstream after a takeover)",
+    ["source"],
+)

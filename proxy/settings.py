@@ -75,6 +75,8 @@ DEFAULT_TOKEN_EXPIRY = 300.0
 DEFAULT_TOKEN_SERVICE = "registry-proxy"
 DEFAULT_DECISION_TTL = 300.0
 DEFAULT_VISIBILITY_TTL = 3600.0
+DEFAULT_LEASE_TTL = 10.0
+DEFAULT_SHUTDOWN_GRACE = 25.0
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -443,6 +445,35 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
     cold_bytes: SizeRate | None = None
 
 
+def parse_advertise(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, "expected HOST:PORT or http://HOST:PORT")
+    text = value.strip()
+    url = text if "://" in text else f"http://{text}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ConfigError(key, "expected HOST:PORT or http://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(key, "the address must have no path, query or credentials")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``cluster``: replicas sharing ``cache.redis`` behave as one cache (fetch leases,
+    peer streaming and fill). Off unless ``advertise`` and ``secret_file`` are both set."""
+
+    advertise: Annotated[str, Parse(parse_advertise), Expect("HOST:PORT")] | None = None
+    """Where the other replicas reach this one (its listener), e.g. the pod IP and port."""
+    secret_file: FilePath | None = None
+    """A file holding the secret shared by the replicas (peer requests are HMAC-signed)."""
+    lease_ttl: Duration = DEFAULT_LEASE_TTL
+    """How long a fetch lease lives without renewal (renewed every third of it)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.advertise is not None and self.secret_file is not None
+
+
 class UpstreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     """One upstream registry: an item of ``upstreams`` in the file, keys as the fields.
 
@@ -559,6 +590,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     limits: Annotated[
         LimitSettings, _section(LimitSettings), _SectionShow, Key(overridable=False)
     ] = LimitSettings()
+    cluster: Annotated[
+        ClusterSettings, _section(ClusterSettings), _SectionShow, Key(overridable=False)
+    ] = ClusterSettings()
+    shutdown_grace: Annotated[
+        Duration,
+        Key(help="on SIGTERM, how long responses in flight may finish", metavar="DURATION"),
+    ] = DEFAULT_SHUTDOWN_GRACE
     # Parsed item by item (_parse_upstreams), never overridden as a whole.
     upstreams: Annotated[
         tuple[UpstreamSettings, ...], Key(overridable=False), Show(_show_upstreams)

@@ -248,18 +248,20 @@ class InflightBlobFetches:
         writer: BlobWriter | None = None
         try:
             async with asyncio.timeout(self._timeout):
+                # The opener's context spans the commit: a source that coordinates
+                # with others (proxy.cluster) learns there whether the blob was stored.
                 async with opener() as upstream:
                     writer = await self._store.create(fetch.digest)
                     fetch.size = upstream.size
                     fetch.temp_path = writer.temp_path
                     fetch.ready.set_result(None)
                     await self._copy(upstream, writer, fetch)
-                expected = Descriptor(fetch.digest, fetch.size or fetch.written)
-                await writer.verify(expected)
-                fetch.verified = True  # readers may send the last byte now
-                fetch._notify()
-                descriptor = await writer.commit(expected)
-            await self._descriptors.set_descriptor(fetch.digest, descriptor)
+                    expected = Descriptor(fetch.digest, fetch.size or fetch.written)
+                    await writer.verify(expected)
+                    fetch.verified = True  # readers may send the last byte now
+                    fetch._notify()
+                    descriptor = await writer.commit(expected)
+                    await self._descriptors.set_descriptor(fetch.digest, descriptor)
             fetch.done.set_result(descriptor)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")

@@ -41,6 +41,8 @@ from proxy.cache.redis import (
     connect,
 )
 from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.cluster.node import ClusterNode
+from proxy.cluster.source import ClusterBlobSource
 from proxy.interfaces import (
     BlobDescriptorService,
     BlobMiddleware,
@@ -52,6 +54,7 @@ from proxy.interfaces import (
     RepositoryBlobs,
     TagService,
 )
+from proxy.model import Digest
 from proxy.pullthrough.blobs import FetchedBlobs, LocalBlobs, RepositoryScope, ScopedBlobs
 from proxy.pullthrough.inflight import InflightBlobFetches
 from proxy.pullthrough.manifests import ProxyManifestService
@@ -146,9 +149,14 @@ class PullThroughRegistry:
         )
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
+        # Replicas as one cache (proxy.cluster): needs Redis and the cluster section.
+        self.cluster: ClusterNode | None = None
+        if self.redis is not None and settings.cluster.enabled:
+            self.cluster = ClusterNode(settings.cluster, self.redis)
+        self.blob_sources: dict[str, BlobSource] = {}
         self.evictor: Evictor | None = None
         if settings.max_size is not None:
-            self.evictor = Evictor(self.store, settings.max_size, self.descriptors.clear)
+            self.evictor = Evictor(self.store, settings.max_size, self._evicted)
             self.store.on_commit = self.evictor.maybe_start
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
@@ -161,8 +169,13 @@ class PullThroughRegistry:
         if self.evictor is not None:
             self.evictor.maybe_start()
         _precreate_series([up.name for up in self.settings.upstreams])
+        if self.cluster is not None:
+            await self.cluster.open()
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
+            self.blob_sources[up.name] = (
+                client if self.cluster is None else ClusterBlobSource(client, self.cluster)
+            )
             manifests = ProxyManifestService(
                 up, client, self.manifest_store, self.tags, self.links, clock=time.time
             )
@@ -180,10 +193,18 @@ class PullThroughRegistry:
             await services.referrers.close()
             await services.client.close()
         self.upstreams.clear()
+        self.blob_sources.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.redis is not None:
             await self.redis.close()
         if self.state is not None:
             await asyncio.to_thread(self.state.close)
+
+    async def _evicted(self, digest: Digest) -> None:
+        await self.descriptors.clear(digest)
+        if self.cluster is not None:
+            await self.cluster.forget(digest)
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable. Upstream and
@@ -212,7 +233,7 @@ class PullThroughRegistry:
         """The blob chain for one request to ``<upstream>/<repo>``: the registry's
         middleware outermost, then the request's (access control), then the layers."""
         return build_repository_blobs(
-            self.upstreams[upstream.name].client,
+            self.blob_sources[upstream.name],
             repo,
             committed=self.committed,
             files=self.store,

@@ -583,6 +583,7 @@ TOP_LEVEL = {
     "redis_url": ("cache.redis", "redis", "redis://h:6379/1", "redis://h:6379/1"),
     "memory_entries": ("cache.memory_entries", "memory_entries", "123", 123),
     "max_size": ("cache.max_size", "max_size", "2KiB", 2048),
+    "shutdown_grace": ("shutdown_grace", "shutdown_grace", "10s", 10.0),
 }
 # Options that set a field of the upstreams: name -> (field, text, value, which upstreams)
 UPSTREAM_OPTIONS = {
@@ -625,8 +626,8 @@ def test_the_spec_covers_every_declared_key() -> None:
     """A field or option added to the declaration must be added here, and so be tested."""
     declared = {f.name for f in msgspec.structs.fields(Settings)} - {"upstreams"}
     # The access-control sections have no options; tests/unit/access/test_config.py
-    # covers them key by key.
-    assert declared == set(TOP_LEVEL) | {"auth", "access", "limits"}
+    # covers them key by key; tests/unit/cluster/test_settings.py the cluster section.
+    assert declared == set(TOP_LEVEL) | {"auth", "access", "limits", "cluster"}
     assert {f.name for f in msgspec.structs.fields(UpstreamSettings)} == set(UPSTREAM_KEYS)
     options = {option for _, option, _, _ in TOP_LEVEL.values()} | set(UPSTREAM_OPTIONS)
     assert {option.name for option in OPTIONS} == options
@@ -636,9 +637,10 @@ def test_every_variable_of_before_still_exists_and_memory_entries_is_new() -> No
     names = {option.env for option in OPTIONS}
     before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
     before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
-    assert names == {ENV_PREFIX + name for name in before | {"MEMORY_ENTRIES"}}
+    new = {"MEMORY_ENTRIES", "SHUTDOWN_GRACE"}
+    assert names == {ENV_PREFIX + name for name in before | new}
     assert {option.flag for option in OPTIONS} == {
-        "--" + name.lower().replace("_", "-") for name in before | {"MEMORY_ENTRIES"}
+        "--" + name.lower().replace("_", "-") for name in before | new
     }
 
 
