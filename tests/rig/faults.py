@@ -33,6 +33,7 @@ from aiohttp import web
 from .recording import (
     HOP_BY_HOP,
     BodyCut,
+    BodyHold,
     Exchange,
     PassThrough,
     drop_connection,
@@ -134,6 +135,7 @@ class FaultProxy(PassThrough):
         self._failures: list[Failure] = []
         self._cuts: list[Cut] = []
         self._stall: Stall | None = None
+        self._holds: list[tuple[Cut, BodyHold]] = []
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -187,12 +189,21 @@ class FaultProxy(PassThrough):
         self._cuts.append(cut)
         return cut
 
+    def hold_blob(self, after: int, *, match: Match | None = None) -> BodyHold:
+        """Pause the body of the next matching response (no ``Range``) after ``after``
+        bytes, until the returned hold is released; ``hold.reached`` is set then."""
+        hold = BodyHold()
+        self._holds.append((Cut(after, match or blobs("GET"), 1, False, False), hold))
+        return hold
+
     def stall(self, match: Match = anything) -> Stall:
         self.release()
         self._stall = Stall(match)
         return self._stall
 
     def release(self) -> None:
+        for _, hold in self._holds:
+            hold.released.set()
         stall, self._stall = self._stall, None
         if stall is not None:
             stall.released.set()
@@ -208,6 +219,7 @@ class FaultProxy(PassThrough):
         self.dropped_tags.clear()
         self._failures.clear()
         self._cuts.clear()
+        self._holds.clear()
 
     # Handling ------------------------------------------------------------------------
 
@@ -227,6 +239,10 @@ class FaultProxy(PassThrough):
             if (repo, reference) in self.dropped_tags:
                 return oci_error(exchange, 404, "MANIFEST_UNKNOWN", "fault")
         cut = next((c for c in self._cuts if c.take(exchange)), None)
+        body_cut = BodyCut(cut.after, cut.abort) if cut is not None else None
+        for pause, hold in self._holds:
+            if body_cut is None and pause.take(exchange):
+                body_cut = BodyCut(pause.after, hold=hold)
         return await self.forward(
             request,
             exchange,
@@ -236,5 +252,5 @@ class FaultProxy(PassThrough):
                 if self.ratelimit_remaining is not None
                 else None
             ),
-            cut=BodyCut(cut.after, cut.abort) if cut is not None else None,
+            cut=body_cut,
         )

@@ -17,6 +17,7 @@ Nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
@@ -292,10 +293,21 @@ def cut_connection(request: web.Request, exchange: Exchange, *, abort: bool) -> 
 
 @dataclass(frozen=True)
 class BodyCut:
-    """Where to end a relayed body: after ``after`` bytes, closing or aborting."""
+    """Where to end a relayed body: after ``after`` bytes, closing or aborting; or, with
+    ``hold``, where to pause it until the hold is released."""
 
     after: int
     abort: bool = False
+    hold: BodyHold | None = None
+
+
+@dataclass
+class BodyHold:
+    """A relayed body paused after some bytes: ``reached`` is set when it pauses, and it
+    goes on when ``released`` is set."""
+
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class PassThrough(RecordingServer):
@@ -355,12 +367,16 @@ class PassThrough(RecordingServer):
         drop: Iterable[str] = HOP_BY_HOP,
         add_headers: Mapping[str, str] | None = None,
         cut: BodyCut | None = None,
+        to: str | None = None,
     ) -> web.StreamResponse:
-        """Relay ``request`` upstream (less the headers in ``drop``) and the answer back
-        (with ``add_headers`` set), ending the body early at ``cut``. An unreachable
-        upstream, or one that breaks mid-body, drops the client's connection."""
+        """Relay ``request`` upstream (or ``to`` another URL; less the headers in
+        ``drop``) and the answer back (with ``add_headers`` set), ending or pausing the
+        body at ``cut``. An unreachable upstream, or one that breaks mid-body, drops the
+        client's connection."""
         try:
-            upstream = await send_upstream(self.session, self.upstream_url, request, drop=drop)
+            upstream = await send_upstream(
+                self.session, to or self.upstream_url, request, drop=drop
+            )
         except aiohttp.ClientError as exc:
             return drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
         async with upstream:
@@ -373,11 +389,15 @@ class PassThrough(RecordingServer):
                 if request.method != "HEAD":
                     async for chunk in upstream.content.iter_chunked(CHUNK):
                         if limit is not None and exchange.bytes_sent + len(chunk) >= limit:
-                            chunk = chunk[: limit - exchange.bytes_sent]
-                            await response.write(chunk)
-                            exchange.bytes_sent += len(chunk)
+                            head = chunk[: limit - exchange.bytes_sent]
+                            await response.write(head)
+                            exchange.bytes_sent += len(head)
                             assert cut is not None
-                            return cut_connection(request, exchange, abort=cut.abort)
+                            if cut.hold is None:
+                                return cut_connection(request, exchange, abort=cut.abort)
+                            cut.hold.reached.set()
+                            await cut.hold.released.wait()
+                            limit, chunk = None, chunk[len(head) :]
                         await response.write(chunk)
                         exchange.bytes_sent += len(chunk)
                 await response.write_eof()

@@ -1,0 +1,351 @@
+"""Replicas sharing one Redis behave as one cache (issue 13), with real parts only.
+
+Three ``registry-proxy serve`` processes (separate OS processes, so SIGKILL is real)
+share one ``redis-server`` and one docker-registry upstream behind a counting
+pass-through; skopeo pulls through a round-robin balancer in front of them.
+
+- 48 concurrent cold pulls of 4 images: exactly one upstream GET per blob.
+- The owner of a fetch SIGKILLed mid-blob while clients of the other two follow it:
+  those clients get the whole blob with the right digest, and the upstream serves the
+  blob once plus a ``Range`` for the rest.
+- A committed blob is filled from the replica holding it, not from the upstream.
+- The peer endpoint: 403 without a valid signature; serves committed blobs by digest.
+- Redis killed: pulls go on (per-process single flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.cluster.peer import PeerSigner, peer_path
+from proxy.model import Digest
+from tests.rig import oci
+from tests.rig.cluster import SECRET, Replicas, RoundRobin
+from tests.rig.distribution import push_image
+from tests.rig.faults import FaultProxy
+from tests.rig.process import async_wait_until
+from tests.rig.recording import PassThrough
+from tests.rig.redis_server import RedisServer
+from tests.rig.registry import Registry
+from tests.rig.skopeo import Skopeo
+
+from .scrape import scrape
+
+pytestmark = pytest.mark.integration
+
+LAYER_SIZE = 96 * 1024
+
+
+@contextlib.contextmanager
+def running(replicas: Replicas) -> Iterator[Replicas]:
+    try:
+        replicas.start()
+        yield replicas
+    finally:
+        replicas.stop()
+
+
+@contextlib.asynccontextmanager
+async def balanced(replicas: Replicas) -> AsyncIterator[RoundRobin]:
+    async with RoundRobin([r.url for r in replicas]) as balancer:
+        yield balancer
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob_digests(images: list[oci.OciImage]) -> set[str]:
+    return {d for image in images for d in (image.config.digest, *image.layer_digests)}
+
+
+async def push_images(
+    http: aiohttp.ClientSession, registry: Registry, workdir: Path, count: int, layers: int = 2
+) -> list[oci.OciImage]:
+    return [
+        await push_image(
+            http,
+            registry.url,
+            workdir / f"image-{i}",
+            f"cluster/app{i}",
+            "v1",
+            layers=layers,
+            layer_size=LAYER_SIZE,
+        )
+        for i in range(count)
+    ]
+
+
+async def committed_fetches(http: aiohttp.ClientSession, base_url: str) -> float:
+    return (await scrape(http, base_url)).value("registry_proxy_cluster_fetches_total")
+
+
+async def test_48_cold_pulls_through_3_replicas_fetch_each_blob_once(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+) -> None:
+    images = await push_images(http, registry, tmp_path / "images", 4)
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        async with balanced(replicas) as balancer:
+            pulls = [skopeo.timed_pull(balancer.host, f"cluster/app{i % 4}:v1") for i in range(48)]
+            outcomes = await asyncio.gather(*pulls, return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            assert not failed, failed[:3]
+            # Every replica served some of it: the balancer spread the pulls.
+            served = {e.headers.get("Host") for e in balancer.log.exchanges}
+            assert served, "the balancer saw no request"
+        for digest in blob_digests(images):
+            gets = passthrough.log.blob_gets(digest)
+            assert len(gets) == 1, f"{digest}: {len(gets)} upstream GETs\n" + (
+                passthrough.log.summary()
+            )
+        size = sum(i.config.size + sum(layer.size for layer in i.layers) for i in images)
+        assert passthrough.log.blob_bytes_served() == size
+        # Each replica keeps its own verified copy of what its clients pulled.
+        holders = 0
+        for digest in blob_digests(images):
+            holders += sum(1 for r in replicas if r.blob_path(digest).exists())
+        assert holders > len(blob_digests(images)), "no blob was copied to a second replica"
+        metrics = [await scrape(http, r.url) for r in replicas]
+        followed = sum(
+            m.value("registry_proxy_cluster_leases_total", result="followed") for m in metrics
+        )
+        filled = sum(
+            m.value("registry_proxy_cluster_fetches_total", source=source)
+            for m in metrics
+            for source in ("owner", "holder")
+        )
+        assert followed + filled > 0
+
+
+async def test_sigkill_of_the_owner_mid_blob_the_followers_get_the_whole_blob(
+    tmp_path: Path,
+    registry: Registry,
+    fault_proxy: FaultProxy,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    size = 2 * 1024 * 1024
+    image = await push_image(
+        http, registry.url, tmp_path / "image", "big/app", "v1", layers=1, layer_size=size
+    )
+    layer = image.layers[0]
+    held_after = layer.size // 3
+    hold = fault_proxy.hold_blob(held_after)
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=fault_proxy.url, redis_url=redis_server.url
+    )
+    url = "/v2/big/app/blobs/" + layer.digest
+    with running(replicas):
+        owner, *followers = list(replicas)
+        received = {f.name: 0 for f in followers}
+
+        async def pull(base: str, name: str | None) -> bytes:
+            async with http.get(base + url) as response:
+                assert response.status == 200
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if name is not None:
+                        received[name] = len(body)
+                return bytes(body)
+
+        first = asyncio.create_task(pull(owner.url, None))
+        try:
+            await async_wait_until(hold.reached.is_set, within=20, what="the upstream to pause")
+            tasks = [asyncio.create_task(pull(f.url, f.name)) for f in followers]
+            # The followers stream what the owner has written so far (all but its last
+            # byte), so the kill lands while they are mid-blob.
+            await async_wait_until(
+                lambda: all(n > 0 for n in received.values()),
+                within=20,
+                what="both followers to receive bytes from the owner",
+            )
+            owner.kill()
+            bodies = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        finally:
+            fault_proxy.release()
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+        for body in bodies:
+            assert len(body) == layer.size
+            assert sha256(body) == layer.digest
+        gets = fault_proxy.log.blob_gets(layer.digest)
+        assert len(gets) == 2, fault_proxy.log.summary()
+        resumed = gets[1]
+        assert resumed.headers.get("Range", "").startswith("bytes=")
+        start = int(resumed.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        assert 0 < start <= held_after
+        assert fault_proxy.log.blob_bytes_served(layer.digest) <= layer.size + held_after
+        for follower in followers:
+            path = follower.blob_path(layer.digest)
+            await async_wait_until(path.exists, within=10, what=f"{follower.name} to commit")
+            assert sha256(path.read_bytes()) == layer.digest
+        takeovers = 0.0
+        for follower in followers:
+            metrics = await scrape(http, follower.url)
+            takeovers += metrics.value("registry_proxy_cluster_leases_total", result="takeover")
+        assert takeovers == 1
+
+
+async def test_a_committed_blob_is_filled_from_its_holder_not_the_upstream(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    url = f"/v2/cluster/app0/blobs/{layer.digest}"
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        for replica in replicas:  # one after the other: nothing to follow, only holders
+            async with http.get(replica.url + url) as response:
+                assert response.status == 200
+                assert sha256(await response.read()) == layer.digest
+            # The client has its bytes once they are verified; the commit follows.
+            await async_wait_until(
+                lambda r=replica: committed_fetches(http, r.url),
+                within=10,
+                what=f"{replica.name} to commit the blob",
+            )
+        assert len(passthrough.log.blob_gets(layer.digest)) == 1
+        fills = [
+            (await scrape(http, r.url)).value(
+                "registry_proxy_cluster_fetches_total", source="holder"
+            )
+            for r in replicas
+        ]
+        assert fills == [0, 1, 1]
+
+
+async def test_the_peer_endpoint_wants_a_valid_signature(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    replicas = Replicas(
+        tmp_path / "replicas", 1, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        [replica] = list(replicas)
+        async with http.get(f"{replica.url}/v2/cluster/app0/blobs/{layer.digest}") as response:
+            assert response.status == 200
+            await response.read()
+        digest = Digest.parse(layer.digest)
+        path = peer_path(digest, 0)
+        good = PeerSigner(SECRET.encode())
+        forged = PeerSigner(b"not-the-secret")
+        old = PeerSigner(SECRET.encode(), clock=lambda: time.time() - 120)
+
+        async def status(path_qs: str, headers: dict[str, str], method: str = "GET") -> int:
+            async with http.request(method, replica.url + path_qs, headers=headers) as r:
+                body = await r.read()
+                if r.status == 403:
+                    assert json.loads(body)["errors"][0]["code"] == "DENIED"
+                return r.status
+
+        assert await status(path, {}) == 403
+        assert await status(path, forged.headers("GET", path)) == 403
+        assert await status(path, old.headers("GET", path)) == 403
+        # Signed for another offset, replayed on this one.
+        assert await status(path, good.headers("GET", peer_path(digest, 1))) == 403
+        assert await status(path, good.headers("DELETE", path), "DELETE") == 403
+        assert await status("/_cluster/anything", good.headers("GET", "/_cluster/anything")) == 403
+        async with http.get(replica.url + path, headers=good.headers("GET", path)) as response:
+            assert response.status == 200
+            assert sha256(await response.read()) == layer.digest
+        middle = peer_path(digest, 10)
+        async with http.get(replica.url + middle, headers=good.headers("GET", middle)) as r:
+            assert r.status == 200
+            assert r.headers["X-Blob-Size"] == str(layer.size)
+            assert len(await r.read()) == layer.size - 10
+        unknown = peer_path(Digest("sha256", "0" * 64), 0)
+        assert await status(unknown, good.headers("GET", unknown)) == 404
+        assert (await scrape(http, replica.url)).value(
+            "registry_proxy_peer_requests_total", result="denied"
+        ) == 6
+
+
+async def test_with_redis_killed_pulls_go_on(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+) -> None:
+    images = await push_images(http, registry, tmp_path / "images", 2, layers=1)
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        async with balanced(replicas) as balancer:
+            redis_server.kill()
+            outcomes = await asyncio.gather(
+                *(skopeo.timed_pull(balancer.host, f"cluster/app{i % 2}:v1") for i in range(6)),
+                return_exceptions=True,
+            )
+            assert not [o for o in outcomes if isinstance(o, BaseException)]
+            # Per-process single flight: at most one upstream GET per blob per replica.
+            for digest in blob_digests(images):
+                assert 1 <= len(passthrough.log.blob_gets(digest)) <= 3
+            unavailable = 0.0
+            for replica in replicas:
+                metrics = await scrape(http, replica.url)
+                unavailable += metrics.value(
+                    "registry_proxy_cluster_leases_total", result="unavailable"
+                )
+            assert unavailable > 0
+            # Redis back on its port: once each breaker has closed again, one fetch per
+            # blob across the replicas again.
+            redis_server.start()
+            for replica in replicas:
+                await async_wait_until(
+                    lambda r=replica: redis_in_use(http, r.url),
+                    within=20,
+                    what=f"{replica.name} to use redis again",
+                )
+            [fresh] = await push_images(http, registry, tmp_path / "fresh", 1, layers=1)
+            layer = fresh.layers[0]
+            for replica in replicas:
+                async with http.get(f"{replica.url}/v2/cluster/app0/blobs/{layer.digest}") as r:
+                    assert r.status == 200
+                    assert sha256(await r.read()) == layer.digest
+                await async_wait_until(
+                    replica.blob_path(layer.digest).exists,
+                    within=10,
+                    what=f"{replica.name} to commit",
+                )
+            assert len(passthrough.log.blob_gets(layer.digest)) == 1
+
+
+async def redis_in_use(http: aiohttp.ClientSession, base_url: str) -> bool:
+    """The replica's breaker is closed: it asks Redis again."""
+    async with http.get(base_url + "/readyz") as response:
+        report = await response.json()
+    return bool(report.get("redis", {}).get("reachable"))
