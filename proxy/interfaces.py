@@ -297,3 +297,28 @@ class LinkService(Protocol):
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         """Record that ``repo`` holds ``digests``. Idempotent; advisory layers never raise."""
         ...
+
+
+class TagRevalidations(Protocol):
+    """Who revalidates a tag past its TTL, when several processes share the cache."""
+
+    def turn(
+        self, upstream: str, repo: str, tag: str, seen: TagEntry
+    ) -> AbstractAsyncContextManager[TagEntry | None]:
+        """Enter: None when the caller should revalidate now (others wait until the
+        block exits); else the entry to use instead of asking the upstream: one another
+        process revalidated meanwhile, or ``seen`` itself when waiting for that ran out.
+        Never raises for a coordination failure (then: None)."""
+        ...
+
+
+class ManifestBodies(Protocol):
+    """Manifest bodies shared between processes, by digest (advisory)."""
+
+    async def get(self, digest: Digest) -> tuple[str, bytes] | None:
+        """(media type, body) if known; the caller verifies the body's digest."""
+        ...
+
+    async def put(self, digest: Digest, media_type: str, body: bytes) -> None:
+        """Share a verified body. Never raises."""
+        ...

@@ -204,3 +204,15 @@ CLUSTER_FETCHES = Counter(
     "then the upstream after a takeover)",
     ["source"],
 )
+CLUSTER_TAG_CHECKS = Counter(
+    PREFIX + "cluster_tag_checks_total",
+    "Tag revalidations past the TTL, by how the cluster settled them: checked (this replica "
+    "asked the upstream), shared (another replica's fresh result was used), waited (the "
+    "wait for another's result ran out; the cached entry was served), unavailable (Redis "
+    "did not answer; checked as a single process does)",
+    ["result"],
+)
+CLUSTER_MANIFESTS_SHARED = Counter(
+    PREFIX + "cluster_shared_manifests_total",
+    "Manifests taken from Redis instead of being fetched by digest from the upstream",
+)

@@ -3,6 +3,7 @@
 Key layout (next to ``proxy.cache.redis``'s, same prefix and version)::
 
     <p>:v1:lease:blob:<alg>:<hex>    string  "<node> <address> <upstream> <repo>"   PX lease_ttl
+    <p>:v1:lease:tag:<up>:<repo>:<tag>  string  the same                          PX 5 s
     <p>:v1:holders:<alg>:<hex>       hash    <address> -> "<upstream> <repo>"        EX HOLDERS_TTL
 
 A lease names the replica fetching a digest (``node`` is a random id per process, so a
@@ -93,23 +94,31 @@ class RedisLeases:
         self._renew = layer.client.register_script(_RENEW)
         self._release = layer.client.register_script(_RELEASE)
 
-    def blob_key(self, digest: Digest) -> str:
-        return self._layer.key("lease", "blob", digest.algorithm, digest.hex)
+    def key(self, *parts: str) -> str:
+        return self._layer.key("lease", *parts)
 
-    @property
-    def _ttl_ms(self) -> int:
-        return max(1, int(self.ttl * 1000))
+    def blob_key(self, digest: Digest) -> str:
+        return self.key("blob", digest.algorithm, digest.hex)
+
+    def _ttl_ms(self, ttl: float | None = None) -> int:
+        return max(1, int((self.ttl if ttl is None else ttl) * 1000))
 
     async def acquire(
-        self, key: str, holder: LeaseHolder, *, replacing: LeaseHolder | None = None
+        self,
+        key: str,
+        holder: LeaseHolder,
+        *,
+        replacing: LeaseHolder | None = None,
+        ttl: float | None = None,
     ) -> LeaseHolder | None:
-        """Take the lease if it is free, or if it still names ``replacing`` (a holder the
-        caller saw fail); return whoever holds it afterwards (``holder`` itself when
-        taken). None: Redis did not answer (or held something unreadable)."""
+        """Take the lease (for ``ttl``, default the configured one) if it is free, or if
+        it still names ``replacing`` (a holder the caller saw fail); return whoever holds
+        it afterwards (``holder`` itself when taken). None: Redis did not answer (or held
+        something unreadable)."""
         stale = replacing.encode() if replacing is not None else ""
+        ms = self._ttl_ms(ttl)
         value = await self._layer.run(
-            "lease",
-            lambda: self._acquire(keys=[key], args=[holder.encode(), stale, self._ttl_ms]),
+            "lease", lambda: self._acquire(keys=[key], args=[holder.encode(), stale, ms])
         )
         return LeaseHolder.parse(value) if value is not None else None
 
@@ -117,7 +126,7 @@ class RedisLeases:
         """Extend the lease if ``holder`` still holds it: True; False if it is lost;
         None if Redis did not answer."""
         done = await self._layer.run(
-            "lease", lambda: self._renew(keys=[key], args=[holder.encode(), self._ttl_ms])
+            "lease", lambda: self._renew(keys=[key], args=[holder.encode(), self._ttl_ms()])
         )
         return None if done is None else bool(done)
 

@@ -82,3 +82,5 @@ def _precreate_series() -> None:
         metrics.CLUSTER_LEASES.labels(result)
     for source in ("upstream", "owner", "holder", "mixed"):
         metrics.CLUSTER_FETCHES.labels(source)
+    for result in ("checked", "shared", "waited", "unavailable"):
+        metrics.CLUSTER_TAG_CHECKS.labels(result)

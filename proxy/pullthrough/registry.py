@@ -41,6 +41,7 @@ from proxy.cache.redis import (
     connect,
 )
 from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.cluster.manifests import ClusterTagRevalidations, RedisManifestBodies
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.source import ClusterBlobSource
 from proxy.interfaces import (
@@ -51,7 +52,9 @@ from proxy.interfaces import (
     BlobStatter,
     ColdFetchGate,
     LinkService,
+    ManifestBodies,
     RepositoryBlobs,
+    TagRevalidations,
     TagService,
 )
 from proxy.model import Digest
@@ -151,8 +154,12 @@ class PullThroughRegistry:
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
         # Replicas as one cache (proxy.cluster): needs Redis and the cluster section.
         self.cluster: ClusterNode | None = None
+        self.tag_revalidations: TagRevalidations | None = None
+        self.manifest_bodies: ManifestBodies | None = None
         if self.redis is not None and settings.cluster.enabled:
             self.cluster = ClusterNode(settings.cluster, self.redis)
+            self.tag_revalidations = ClusterTagRevalidations(self.cluster, self.tags)
+            self.manifest_bodies = RedisManifestBodies(self.redis)
         self.blob_sources: dict[str, BlobSource] = {}
         self.evictor: Evictor | None = None
         if settings.max_size is not None:
@@ -177,7 +184,14 @@ class PullThroughRegistry:
                 client if self.cluster is None else ClusterBlobSource(client, self.cluster)
             )
             manifests = ProxyManifestService(
-                up, client, self.manifest_store, self.tags, self.links, clock=time.time
+                up,
+                client,
+                self.manifest_store,
+                self.tags,
+                self.links,
+                clock=time.time,
+                revalidations=self.tag_revalidations,
+                bodies=self.manifest_bodies,
             )
             self.upstreams[up.name] = UpstreamServices(
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")

@@ -349,3 +349,64 @@ async def redis_in_use(http: aiohttp.ClientSession, base_url: str) -> bool:
     async with http.get(base_url + "/readyz") as response:
         report = await response.json()
     return bool(report.get("redis", {}).get("reachable"))
+
+
+async def test_tags_past_their_ttl_cost_one_upstream_head_per_window_across_replicas(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    ttl = 2.0
+    images = await push_images(http, registry, tmp_path / "images", 2, layers=1)
+    tags = [f"cluster/app{i}/manifests/v1" for i in range(len(images))]
+    replicas = Replicas(
+        tmp_path / "replicas",
+        3,
+        upstream_url=passthrough.url,
+        redis_url=redis_server.url,
+        tag_ttl=f"{ttl}s",
+    )
+
+    async def get(base: str, path: str) -> bytes:
+        headers = {"Accept": oci.ACCEPT_ALL_MANIFESTS}
+        async with http.get(f"{base}/v2/{path}", headers=headers) as response:
+            assert response.status == 200, await response.text()
+            return await response.read()
+
+    def upstream_manifests(method: str, tag_path: str) -> int:
+        return len(passthrough.log.matching(method, path_suffix=tag_path))
+
+    with running(replicas):
+        # Warm, one replica after the other: the first fetches the tag; the others find
+        # it fresh in Redis and take the manifest body from Redis, not the upstream.
+        for replica in replicas:
+            for image, tag in zip(images, tags, strict=True):
+                assert await get(replica.url, tag) == image.manifest_bytes
+        for image, tag in zip(images, tags, strict=True):
+            assert upstream_manifests("GET", tag) == 1
+            assert upstream_manifests("GET", f"/manifests/{image.manifest.digest}") == 0
+        shared = sum(
+            [
+                (await scrape(http, r.url)).value("registry_proxy_cluster_shared_manifests_total")
+                for r in replicas
+            ]
+        )
+        assert shared == 2 * len(images)
+        for window in (1, 2):
+            settled = time.time()
+            await async_wait_until(
+                lambda: time.time() > settled + ttl, within=ttl + 5, what="the tag TTL to pass"
+            )
+            # Every replica, twice each, at once.
+            bodies = await asyncio.gather(
+                *(get(r.url, tag) for r in replicas for tag in tags for _ in range(2))
+            )
+            assert set(bodies) == {image.manifest_bytes for image in images}
+            for tag in tags:
+                heads = upstream_manifests("HEAD", tag)
+                assert heads == window, f"window {window}: {heads} HEADs for {tag}\n" + (
+                    passthrough.log.summary()
+                )
+                assert upstream_manifests("GET", tag) == 1
