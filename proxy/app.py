@@ -70,7 +70,8 @@ def create_metrics_app() -> web.Application:
 
 
 async def run(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then close listeners and resources in reverse."""
+    """Serve until SIGINT or SIGTERM, then drain (see below) and close resources in
+    reverse."""
     log = logging.getLogger("proxy")
     runners: list[web.AppRunner] = []
     sites = [(create_app(settings), settings.listen_host, settings.listen_port)]
@@ -82,13 +83,22 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         for app, host, port in sites:
-            runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False)
+            runner = web.AppRunner(
+                app,
+                access_log_class=AccessLogger,
+                handle_signals=False,
+                shutdown_timeout=settings.shutdown_grace,
+            )
             await runner.setup()
             runners.append(runner)
             await web.TCPSite(runner, host, port).start()
             log.info("listening on %s:%d", host, port)
         await stop.wait()
-        log.info("shutting down")
+        # Unready and taking no new fetch leases; then (cleanup) the listeners close,
+        # responses in flight get up to shutdown_grace, and fetches still running are
+        # cancelled, which releases their leases so a follower takes over at once.
+        log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace)
+        sites[0][0][handlers.REGISTRY_KEY].drain()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()

@@ -458,15 +458,20 @@ def parse_advertise(value: object, key: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """``cluster``: replicas sharing ``cache.redis`` behave as one cache (fetch leases,
-    peer streaming and fill). Off unless ``advertise`` and ``secret_file`` are both set."""
+Advertise = Annotated[str, Parse(parse_advertise), Expect("HOST:PORT")]
 
-    advertise: Annotated[str, Parse(parse_advertise), Expect("HOST:PORT")] | None = None
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``cluster`` keys (``Settings.cluster``): replicas sharing ``cache.redis``
+    behave as one cache (fetch leases, peer streaming and fill). Off unless
+    ``advertise`` and ``secret_file`` are both set."""
+
+    advertise: str | None = None
     """Where the other replicas reach this one (its listener), e.g. the pod IP and port."""
-    secret_file: FilePath | None = None
+    secret_file: Path | None = None
     """A file holding the secret shared by the replicas (peer requests are HMAC-signed)."""
-    lease_ttl: Duration = DEFAULT_LEASE_TTL
+    lease_ttl: float = DEFAULT_LEASE_TTL
     """How long a fetch lease lives without renewal (renewed every third of it)."""
 
     @property
@@ -590,9 +595,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     limits: Annotated[
         LimitSettings, _section(LimitSettings), _SectionShow, Key(overridable=False)
     ] = LimitSettings()
-    cluster: Annotated[
-        ClusterSettings, _section(ClusterSettings), _SectionShow, Key(overridable=False)
-    ] = ClusterSettings()
+    cluster_advertise: Annotated[
+        Advertise | None,
+        Key(
+            path="cluster.advertise",
+            help="address the other replicas reach this one at (the pod IP and port)",
+            metavar="HOST:PORT",
+        ),
+    ] = None
+    cluster_secret_file: Annotated[
+        FilePath | None,
+        Key(
+            path="cluster.secret_file",
+            help="file with the secret the replicas share (signs peer requests)",
+            metavar="FILE",
+        ),
+    ] = None
+    cluster_lease_ttl: Annotated[
+        Duration,
+        Key(
+            path="cluster.lease_ttl",
+            help="life of a fetch lease without renewal",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_LEASE_TTL
     shutdown_grace: Annotated[
         Duration,
         Key(help="on SIGTERM, how long responses in flight may finish", metavar="DURATION"),
@@ -605,6 +631,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def listen_host(self) -> str:
         return self.listen[0]
+
+    @property
+    def cluster(self) -> ClusterSettings:
+        return ClusterSettings(
+            self.cluster_advertise, self.cluster_secret_file, self.cluster_lease_ttl
+        )
 
     @property
     def listen_port(self) -> int:

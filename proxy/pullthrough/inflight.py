@@ -175,6 +175,13 @@ class InflightBlobFetches:
         if tasks:
             await asyncio.wait(tasks)
 
+    async def settle(self, within: float) -> None:
+        """Let fetches whose bytes are all in and verified finish committing (shutdown:
+        their bytes are worth keeping), for up to ``within`` seconds."""
+        committing = [fetch.done for fetch in self._fetches.values() if fetch.verified]
+        if committing:
+            await asyncio.wait(committing, timeout=within)
+
     async def close(self) -> None:
         """Cancel every fetch (application shutdown); temp files are removed."""
         for task in list(self._tasks):

@@ -69,6 +69,9 @@ from proxy.storage.manifests import ManifestStore
 from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
 
+COMMIT_GRACE = 5.0
+"""On shutdown, how long a fetch whose bytes are all in may take to commit."""
+
 
 def local_statter(store: DiskBlobStore) -> BlobDescriptorService:
     """The committed files as a descriptor layer, instrumented as ``disk``."""
@@ -167,6 +170,7 @@ class PullThroughRegistry:
             self.store.on_commit = self.evictor.maybe_start
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
+        self.draining = False
 
     async def open(self) -> None:
         """Create directories, remove leftover temp files, open one session per upstream."""
@@ -200,6 +204,7 @@ class PullThroughRegistry:
     async def close(self) -> None:
         if self.evictor is not None:
             await self.evictor.close()
+        await self.inflight.settle(COMMIT_GRACE)
         await self.inflight.close()
         for services in self.upstreams.values():
             await services.manifests.close()
@@ -220,18 +225,27 @@ class PullThroughRegistry:
         if self.cluster is not None:
             await self.cluster.forget(digest)
 
+    def drain(self) -> None:
+        """Shutting down: unready, and no new fetch leases (others fetch instead)."""
+        self.draining = True
+        if self.cluster is not None:
+            self.cluster.closing = True
+
     async def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready means the cache can be served: its directory is writable. Upstream and
-        Redis states are reported; neither makes the proxy unready, since it serves its
-        cache without them."""
+        """Ready means the cache can be served: its directory is writable, and the
+        process is not shutting down. Upstream and Redis states are reported; neither
+        makes the proxy unready, since it serves its cache without them."""
         writable = await asyncio.to_thread(self.store.writable)
         report: dict[str, object] = {
             "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
+            "draining": self.draining,
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
         if self.redis is not None:
             report["redis"] = {"reachable": await self.redis.ping()}
-        return writable, report
+        if self.cluster is not None:
+            report["cluster"] = {"advertise": self.cluster.address}
+        return writable and not self.draining, report
 
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]

@@ -29,12 +29,12 @@ import pytest
 from proxy.cluster.peer import PeerSigner, peer_path
 from proxy.model import Digest
 from tests.rig import oci
-from tests.rig.cluster import SECRET, Replicas, RoundRobin
+from tests.rig.cluster import SECRET, Replicas, RoundRobin, http_status
 from tests.rig.distribution import push_image
 from tests.rig.faults import FaultProxy
 from tests.rig.process import async_wait_until
 from tests.rig.recording import PassThrough
-from tests.rig.redis_server import RedisServer
+from tests.rig.redis_server import RedisServer, redis_client
 from tests.rig.registry import Registry
 from tests.rig.skopeo import Skopeo
 
@@ -397,7 +397,9 @@ async def test_tags_past_their_ttl_cost_one_upstream_head_per_window_across_repl
         for window in (1, 2):
             settled = time.time()
             await async_wait_until(
-                lambda: time.time() > settled + ttl, within=ttl + 5, what="the tag TTL to pass"
+                lambda s=settled: time.time() > s + ttl,
+                within=ttl + 5,
+                what="the tag TTL to pass",
             )
             # Every replica, twice each, at once.
             bodies = await asyncio.gather(
@@ -410,3 +412,104 @@ async def test_tags_past_their_ttl_cost_one_upstream_head_per_window_across_repl
                     passthrough.log.summary()
                 )
                 assert upstream_manifests("GET", tag) == 1
+
+
+async def test_a_rolling_restart_under_continuous_pulls_fails_no_pull(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+) -> None:
+    images = await push_images(http, registry, tmp_path / "images", 3, layers=2)
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        async with balanced(replicas) as balancer:
+            done = asyncio.Event()
+            pulled: list[float] = []
+            failures: list[BaseException] = []
+
+            async def puller(n: int) -> None:
+                i = n
+                while not done.is_set():
+                    try:
+                        pulled.append(
+                            await skopeo.timed_pull(balancer.host, f"cluster/app{i % 3}:v1")
+                        )
+                    except Exception as exc:  # every failure counts; the test reports them
+                        failures.append(exc)
+                    i += 1
+
+            workers = [asyncio.create_task(puller(n)) for n in range(4)]
+            try:
+                for replica in replicas:
+                    before = len(pulled)
+                    await async_wait_until(
+                        lambda b=before: len(pulled) >= b + 2,
+                        within=60,
+                        what="pulls to go on before the next restart",
+                    )
+                    # What a Service does once the pod terminates (the preStop pause
+                    # covers the propagation): no new requests reach it; then SIGTERM.
+                    balancer.remove(replica.url)
+                    replica.terminate()
+                    assert await asyncio.to_thread(replica.wait_exit, 30) == 0
+                    await asyncio.to_thread(replica.start)
+                    balancer.add(replica.url)
+                before = len(pulled)
+                await async_wait_until(
+                    lambda: len(pulled) >= before + 2, within=60, what="pulls after the restarts"
+                )
+            finally:
+                done.set()
+                await asyncio.gather(*workers, return_exceptions=True)
+            assert not failures, failures[:3]
+            assert len(pulled) >= 8
+            # Whatever was cold was fetched once per blob, restarts or not.
+            for digest in blob_digests(images):
+                assert 1 <= len(passthrough.log.blob_gets(digest)) <= 2
+
+
+async def test_sigterm_refuses_new_connections_and_finishes_the_responses_in_flight(
+    tmp_path: Path,
+    registry: Registry,
+    fault_proxy: FaultProxy,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    hold = fault_proxy.hold_blob(layer.size // 2)
+    replicas = Replicas(
+        tmp_path / "replicas", 1, upstream_url=fault_proxy.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        [replica] = list(replicas)
+
+        async def pull() -> bytes:
+            async with http.get(f"{replica.url}/v2/cluster/app0/blobs/{layer.digest}") as r:
+                assert r.status == 200
+                return await r.read()
+
+        task = asyncio.create_task(pull())
+        try:
+            await async_wait_until(hold.reached.is_set, within=20, what="the upstream to pause")
+            replica.terminate()
+            await async_wait_until(
+                lambda: http_status(replica.url + "/healthz") is None,
+                within=10,
+                what="the listener to close",
+            )
+            assert replica.running, "exited with a response in flight"
+        finally:
+            fault_proxy.release()
+        body = await asyncio.wait_for(task, 30)
+        assert sha256(body) == layer.digest
+        assert await asyncio.to_thread(replica.wait_exit, 30) == 0
+        async with redis_client(redis_server.url) as client:
+            assert await client.keys("rp:v1:lease:*") == []
+            holders = await client.hgetall(f"rp:v1:holders:{layer.digest}")
+            assert list(holders) == [replica.url.encode()]
