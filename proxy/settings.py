@@ -48,7 +48,7 @@ from typing import (
     get_args,
     get_origin,
 )
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import yaml
@@ -186,9 +186,51 @@ def parse_upstream_url(value: object, key: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``redis+sentinel://[:password@]host[:port][,host[:port]...]/<service>[/<db>]``."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        """Raises ValueError naming what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        password = unquote(credentials.partition(":")[2]) if credentials else None
+        sentinels: list[tuple[str, int]] = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = item.strip(), str(DEFAULT_SENTINEL_PORT)
+            if not host or not port.isdigit():
+                raise ValueError(f"bad sentinel address {item!r}")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("expected /<service name>[/<db>] after the sentinels")
+        return cls(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password)
+
+
 def parse_redis_url(value: object, key: str) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+    schemes = ("redis", "rediss", "unix", "redis+sentinel")
+    if not isinstance(value, str) or urlsplit(value).scheme not in schemes:
+        raise ConfigError(key, "expected a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    if value.startswith("redis+sentinel:"):
+        # The one format redis-py does not parse itself: checked here, at start-up.
+        try:
+            SentinelUrl.parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, f"{exc} (redis+sentinel://host:port,.../service/db)") from None
     return value
 
 

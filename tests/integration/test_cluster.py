@@ -34,10 +34,11 @@ from tests.rig.distribution import push_image
 from tests.rig.faults import FaultProxy
 from tests.rig.process import async_wait_until
 from tests.rig.recording import PassThrough
-from tests.rig.redis_server import RedisServer, redis_client
+from tests.rig.redis_server import REDIS_BINARY, RedisSentinel, RedisServer, redis_client
 from tests.rig.registry import Registry
 from tests.rig.skopeo import Skopeo
 
+from .binaries import binary_or_skip
 from .scrape import scrape
 
 pytestmark = pytest.mark.integration
@@ -513,3 +514,79 @@ async def test_sigterm_refuses_new_connections_and_finishes_the_responses_in_fli
             assert await client.keys("rp:v1:lease:*") == []
             holders = await client.hgetall(f"rp:v1:holders:{layer.digest}")
             assert list(holders) == [replica.url.encode()]
+
+
+async def test_a_sentinel_failover_of_redis_mid_run_fails_no_pull(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+) -> None:
+    binary = binary_or_skip(REDIS_BINARY)
+    await push_images(http, registry, tmp_path / "images", 2, layers=1)
+    with contextlib.ExitStack() as stack:
+        master = stack.enter_context(RedisServer(tmp_path / "redis-a", binary=binary))
+        replica = stack.enter_context(
+            RedisServer(tmp_path / "redis-b", binary=binary, replica_of=master.port)
+        )
+        sentinel = stack.enter_context(
+            RedisSentinel(tmp_path / "sentinel", master.port, binary=binary)
+        )
+        await async_wait_until(
+            sentinel.knows_replicas, within=20, what="the sentinel to find the replica"
+        )
+        replicas = Replicas(
+            tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=sentinel.url
+        )
+        with running(replicas):
+            async with balanced(replicas) as balancer:
+                done = asyncio.Event()
+                pulled: list[float] = []
+                failures: list[BaseException] = []
+
+                async def puller(n: int) -> None:
+                    i = n
+                    while not done.is_set():
+                        try:
+                            pulled.append(
+                                await skopeo.timed_pull(balancer.host, f"cluster/app{i % 2}:v1")
+                            )
+                        except Exception as exc:  # every failure counts
+                            failures.append(exc)
+                        i += 1
+
+                workers = [asyncio.create_task(puller(n)) for n in range(3)]
+                try:
+                    await async_wait_until(lambda: len(pulled) >= 3, within=60, what="pulls")
+                    master.kill()
+                    await async_wait_until(
+                        lambda: sentinel.master_port_now() == replica.port,
+                        within=30,
+                        what="the sentinel to promote the replica",
+                    )
+                    for member in replicas:
+                        await async_wait_until(
+                            lambda m=member: redis_in_use(http, m.url),
+                            within=30,
+                            what=f"{member.name} to use the new master",
+                        )
+                    before = len(pulled)
+                    await async_wait_until(
+                        lambda: len(pulled) >= before + 3, within=60, what="pulls after"
+                    )
+                finally:
+                    done.set()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                assert not failures, failures[:3]
+            # Coordination goes on through the new master: one fetch for a new blob.
+            [fresh] = await push_images(http, registry, tmp_path / "fresh", 1, layers=1)
+            layer = fresh.layers[0]
+            for member in replicas:
+                async with http.get(f"{member.url}/v2/cluster/app0/blobs/{layer.digest}") as r:
+                    assert r.status == 200
+                    assert sha256(await r.read()) == layer.digest
+                await async_wait_until(
+                    member.blob_path(layer.digest).exists, within=10, what="the commit"
+                )
+            assert len(passthrough.log.blob_gets(layer.digest)) == 1
