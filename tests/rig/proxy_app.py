@@ -70,10 +70,12 @@ async def serve_proxy(
     *,
     environ: Mapping[str, str] | None = None,
     prepare: Callable[[web.Application], None] | None = None,
+    port: int = 0,
 ) -> ProxyUnderTest:
-    """Serve ``create_app`` for a settings mapping on a free port. ``environ`` is what
-    ``password_env`` reads (never the test process's environment when given);
-    ``prepare`` may adjust the app before it starts."""
+    """Serve ``create_app`` for a settings mapping on a free port (or ``port``, for a
+    proxy that must know its address beforehand, as ``cluster.advertise`` does).
+    ``environ`` is what ``password_env`` reads (never the test process's environment when
+    given); ``prepare`` may adjust the app before it starts."""
     from proxy.app import create_app
     from proxy.settings import Settings
 
@@ -84,7 +86,7 @@ async def serve_proxy(
     app = create_app(settings)
     if prepare is not None:
         prepare(app)
-    server = LoopbackServer(app)
+    server = LoopbackServer(app, port=port)
     await server.start()
     return ProxyUnderTest(server=server, cache_dir=Path(mapping["cache"]["dir"]), settings=settings)
 
