@@ -105,7 +105,7 @@ CACHE_SECONDS = Histogram(
 )
 REDIS_OPERATIONS = Counter(
     PREFIX + "redis_operations_total",
-    "Redis operations by op (get|set|clear|ping) and result (ok|error|skipped)",
+    "Redis operations by op (get|set|clear|ping|lease) and result (ok|error|skipped)",
     ["op", "result"],
 )
 REDIS_SECONDS = Histogram(
