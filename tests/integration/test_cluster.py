@@ -56,8 +56,10 @@ def running(replicas: Replicas) -> Iterator[Replicas]:
 
 
 @contextlib.asynccontextmanager
-async def balanced(replicas: Replicas) -> AsyncIterator[RoundRobin]:
-    async with RoundRobin([r.url for r in replicas]) as balancer:
+async def balanced(
+    replicas: Replicas, *, per_connection: bool = False
+) -> AsyncIterator[RoundRobin]:
+    async with RoundRobin([r.url for r in replicas], per_connection=per_connection) as balancer:
         yield balancer
 
 
@@ -90,7 +92,9 @@ async def committed_fetches(http: aiohttp.ClientSession, base_url: str) -> float
     return (await scrape(http, base_url)).value("registry_proxy_cluster_fetches_total")
 
 
+@pytest.mark.parametrize("balancing", ["per-request", "per-connection"])
 async def test_48_cold_pulls_through_3_replicas_fetch_each_blob_once(
+    balancing: str,
     tmp_path: Path,
     registry: Registry,
     passthrough: PassThrough,
@@ -103,14 +107,14 @@ async def test_48_cold_pulls_through_3_replicas_fetch_each_blob_once(
         tmp_path / "replicas", 3, upstream_url=passthrough.url, redis_url=redis_server.url
     )
     with running(replicas):
-        async with balanced(replicas) as balancer:
+        per_connection = balancing == "per-connection"
+        async with balanced(replicas, per_connection=per_connection) as balancer:
             pulls = [skopeo.timed_pull(balancer.host, f"cluster/app{i % 4}:v1") for i in range(48)]
             outcomes = await asyncio.gather(*pulls, return_exceptions=True)
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             assert not failed, failed[:3]
-            # Every replica served some of it: the balancer spread the pulls.
-            served = {e.headers.get("Host") for e in balancer.log.exchanges}
-            assert served, "the balancer saw no request"
+            if per_connection:
+                assert all(n > 0 for n in balancer.connections.values()), balancer.connections
         for digest in blob_digests(images):
             gets = passthrough.log.blob_gets(digest)
             assert len(gets) == 1, f"{digest}: {len(gets)} upstream GETs\n" + (
@@ -124,6 +128,9 @@ async def test_48_cold_pulls_through_3_replicas_fetch_each_blob_once(
             holders += sum(1 for r in replicas if r.blob_path(digest).exists())
         assert holders > len(blob_digests(images)), "no blob was copied to a second replica"
         metrics = [await scrape(http, r.url) for r in replicas]
+        # Every replica answered clients: the balancer spread the pulls.
+        for m in metrics:
+            assert m.value("registry_proxy_http_requests_total", route="blob") > 0
         followed = sum(
             m.value("registry_proxy_cluster_leases_total", result="followed") for m in metrics
         )
@@ -590,3 +597,51 @@ async def test_a_sentinel_failover_of_redis_mid_run_fails_no_pull(
                     member.blob_path(layer.digest).exists, within=10, what="the commit"
                 )
             assert len(passthrough.log.blob_gets(layer.digest)) == 1
+
+
+async def test_a_peer_copy_is_served_for_another_repository_only_if_the_upstream_says_so(
+    tmp_path: Path,
+    registry: Registry,
+    fault_proxy: FaultProxy,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    hold = fault_proxy.hold_blob(layer.size // 2)
+    replicas = Replicas(
+        tmp_path / "replicas", 3, upstream_url=fault_proxy.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        owner, follower, filler = list(replicas)
+
+        async def status_of(base: str, repo: str) -> tuple[int, bytes]:
+            async with http.get(f"{base}/v2/{repo}/blobs/{layer.digest}") as r:
+                return r.status, await r.read()
+
+        first = asyncio.create_task(status_of(owner.url, "cluster/app0"))
+        try:
+            await async_wait_until(hold.reached.is_set, within=20, what="the upstream to pause")
+            # In flight on the owner for cluster/app0; asked through another repository.
+            status, body = await status_of(follower.url, "cluster/elsewhere")
+            assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+        finally:
+            fault_proxy.release()
+        status, body = await first
+        assert status == 200 and sha256(body) == layer.digest
+        await async_wait_until(
+            owner.blob_path(layer.digest).exists, within=10, what="the owner to commit"
+        )
+        # Committed on the owner (a holder now); asked through another repository.
+        status, body = await status_of(filler.url, "cluster/elsewhere")
+        assert status == 404
+        heads = fault_proxy.log.matching("HEAD", path_suffix=f"/blobs/{layer.digest}")
+        assert [e.path.split("/blobs/")[0] for e in heads] == ["/v2/cluster/elsewhere"] * 2
+        for member in (follower, filler):
+            metrics = await scrape(http, member.url)
+            assert metrics.value("registry_proxy_peer_bytes_total", direction="in") == 0
+            assert not member.blob_path(layer.digest).exists()
+        # Through the repository that holds it, the filler gets it from the owner.
+        status, body = await status_of(filler.url, "cluster/app0")
+        assert status == 200 and sha256(body) == layer.digest
+        assert len(fault_proxy.log.blob_gets(layer.digest)) == 1

@@ -167,13 +167,18 @@ class Replicas:
 
 
 class RoundRobin(PassThrough):
-    """Each request to the next backend in turn (connections refused: the next one)."""
+    """Each request (or, ``per_connection``, each client connection, as kube-proxy
+    balances) to the next backend in turn; a backend that refuses: the next one."""
 
-    def __init__(self, backends: list[str]) -> None:
+    def __init__(self, backends: list[str], *, per_connection: bool = False) -> None:
         super().__init__(backends[0])
         self.backends = list(backends)
         self.removed: set[str] = set()
+        self.per_connection = per_connection
         self._next = 0
+        # Client connection (its transport, held for the test's life) -> its backend.
+        self._sticky: dict[object, str] = {}
+        self.connections: dict[str, int] = {b: 0 for b in backends}
 
     def remove(self, backend: str) -> None:
         self.removed.add(backend)
@@ -191,7 +196,16 @@ class RoundRobin(PassThrough):
             yield live[(start + i) % len(live)]
 
     async def answer(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        for backend in self._pick():
+        candidates = list(self._pick())
+        if self.per_connection:
+            chosen = self._sticky.get(request.transport)
+            if chosen is None or chosen in self.removed:
+                chosen = candidates[0] if candidates else None
+                if chosen is not None:
+                    self._sticky[request.transport] = chosen
+                    self.connections[chosen] += 1
+            candidates = [chosen] if chosen is not None else []
+        for backend in candidates:
             try:
                 upstream = await send_upstream(self.session, backend, request)
             except aiohttp.ClientConnectorError:
