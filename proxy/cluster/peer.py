@@ -88,6 +88,14 @@ class PeerBlob(UpstreamBlob):
         self.offset = offset
         announced = response.headers.get(SIZE_HEADER, "")
         self._size = int(announced) if announced.isdigit() else None
+        self.received = 0
+        self._cut: str | None = None
+
+    def cut(self, why: str) -> None:
+        """Give up on this stream (its owner is gone): the reader raises
+        ``PeerUnavailable`` instead of waiting for bytes that will not come."""
+        self._cut = why
+        self._response.close()
 
     @property
     def size(self) -> int | None:
@@ -95,17 +103,20 @@ class PeerBlob(UpstreamBlob):
 
     async def chunks(self) -> AsyncIterator[bytes]:
         counter = metrics.PEER_BYTES.labels("in")
-        received = 0
         expected = self._size - self.offset if self._size is not None else None
         try:
             async for chunk in self._response.content.iter_any():
-                received += len(chunk)
+                self.received += len(chunk)
                 counter.inc(len(chunk))
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise PeerUnavailable(f"peer stream cut after {received} bytes") from exc
-        if expected is not None and received != expected:
-            raise PeerUnavailable(f"peer stream ended after {received} of {expected} bytes")
+            raise PeerUnavailable(
+                f"peer stream cut after {self.received} bytes: {self._cut or type(exc).__name__}"
+            ) from exc
+        if self._cut is not None:
+            raise PeerUnavailable(f"peer stream given up after {self.received} bytes: {self._cut}")
+        if expected is not None and self.received != expected:
+            raise PeerUnavailable(f"peer stream ended after {self.received} of {expected} bytes")
 
 
 @asynccontextmanager

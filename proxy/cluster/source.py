@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 from proxy import metrics
 from proxy.cluster.leases import LeaseHolder
 from proxy.cluster.node import ClusterNode
-from proxy.cluster.peer import PeerUnavailable, open_peer_blob
+from proxy.cluster.peer import PeerBlob, PeerUnavailable, open_peer_blob
 from proxy.errors import BlobUnknown
 from proxy.interfaces import BlobSource, UpstreamBlob, UpstreamBlobHead
 from proxy.model import Digest
@@ -102,6 +102,7 @@ class ClusterFetch(UpstreamBlob):
         self._switches = 0
         self._size: int | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.received = 0
 
     @property
@@ -160,6 +161,31 @@ class ClusterFetch(UpstreamBlob):
             await self._after_peer_failure()
             return
         self._use(segment, "owner")
+        self._watch(segment, owner)
+
+    def _watch(self, segment: PeerBlob, owner: LeaseHolder) -> None:
+        """While following ``owner``: if it stops renewing its lease (hung, or dead with
+        its connection still open) and no byte arrives for a renewal interval, give the
+        stream up so that ``chunks`` takes over. A lease released after a commit is no
+        reason: the rest of the stream is arriving then."""
+        self._stop_watching()
+
+        async def watch() -> None:
+            seen = segment.received
+            while True:
+                await asyncio.sleep(self._node.leases.ttl / 3)  # a timer, like renewal
+                stalled = segment.received == seen
+                seen = segment.received
+                if stalled and await self._node.leases.holder(self._key) != owner:
+                    segment.cut("the owner's lease lapsed and its stream stalled")
+                    return
+
+        self._watcher = asyncio.create_task(watch(), name=f"watch lease {self._digest}")
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     async def _fill_from_holder(self) -> bool:
         holders = await self._node.holders.get(self._digest)
@@ -196,6 +222,7 @@ class ClusterFetch(UpstreamBlob):
 
     async def _after_peer_failure(self) -> None:
         """The peer we read from failed: continue from ``received`` elsewhere."""
+        self._stop_watching()
         await self._stack.aclose()
         self._stack = AsyncExitStack()
         self._switches += 1
@@ -265,6 +292,7 @@ class ClusterFetch(UpstreamBlob):
 
     async def close(self) -> None:
         """Stop renewing, close the source, release the lease if ours. Idempotent."""
+        self._stop_watching()
         if self._renewal is not None:
             self._renewal.cancel()
             with suppress(asyncio.CancelledError):

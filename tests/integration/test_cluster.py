@@ -645,3 +645,58 @@ async def test_a_peer_copy_is_served_for_another_repository_only_if_the_upstream
         status, body = await status_of(filler.url, "cluster/app0")
         assert status == 200 and sha256(body) == layer.digest
         assert len(fault_proxy.log.blob_gets(layer.digest)) == 1
+
+
+async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
+    tmp_path: Path,
+    registry: Registry,
+    fault_proxy: FaultProxy,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """SIGSTOP, not SIGKILL: the owner's connections stay open, so only its lease (1 s
+    here) tells the followers it is gone."""
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    hold = fault_proxy.hold_blob(layer.size // 2)
+    replicas = Replicas(
+        tmp_path / "replicas",
+        3,
+        upstream_url=fault_proxy.url,
+        redis_url=redis_server.url,
+        lease_ttl="1s",
+    )
+    url = f"/v2/cluster/app0/blobs/{layer.digest}"
+    with running(replicas):
+        owner, *followers = list(replicas)
+
+        async def pull(base: str) -> bytes:
+            async with http.get(base + url) as response:
+                assert response.status == 200
+                return await response.read()
+
+        first = asyncio.create_task(pull(owner.url))
+        try:
+            await async_wait_until(hold.reached.is_set, within=20, what="the upstream to pause")
+            tasks = [asyncio.create_task(pull(f.url)) for f in followers]
+            await async_wait_until(
+                lambda: all(f.temp_files() for f in followers),
+                within=20,
+                what="both followers to start their copies",
+            )
+            owner.pause()
+            bodies = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        finally:
+            owner.resume()
+            fault_proxy.release()
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+        assert [sha256(body) for body in bodies] == [layer.digest] * 2
+        gets = fault_proxy.log.blob_gets(layer.digest)
+        assert [e.headers.get("Range", "")[:6] for e in gets] == ["", "bytes="]
+        takeovers = 0.0
+        for follower in followers:
+            metrics = await scrape(http, follower.url)
+            takeovers += metrics.value("registry_proxy_cluster_leases_total", result="takeover")
+        assert takeovers == 1

@@ -68,6 +68,7 @@ class Replica(ChildProcess, LoopbackAddress):
         secret_file: Path,
         tag_ttl: str = "5m",
         settings: dict[str, Any] | None = None,
+        lease_ttl: str | None = None,
     ) -> None:
         super().__init__(workdir, log_name="proxy.log")
         self.port = free_port()
@@ -82,6 +83,8 @@ class Replica(ChildProcess, LoopbackAddress):
             "upstreams": [{"name": "up", "url": upstream_url, "default": True, "tag_ttl": tag_ttl}],
             **(settings or {}),
         }
+        if lease_ttl is not None:
+            self.config["cluster"]["lease_ttl"] = lease_ttl
 
     def argv(self) -> list[str]:
         # JSON is YAML: the config file is written as JSON.
@@ -97,6 +100,19 @@ class Replica(ChildProcess, LoopbackAddress):
         self.process.kill()
         self.process.wait(10)
         self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the replica hangs; its connections stay open and its lease lapses."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.resume()
+        super().stop(timeout)
 
     def terminate(self) -> None:
         """SIGTERM by PID, without waiting (see :meth:`wait_exit`)."""
@@ -130,6 +146,7 @@ class Replicas:
         redis_url: str,
         tag_ttl: str = "5m",
         settings: dict[str, Any] | None = None,
+        lease_ttl: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.secret_file = workdir / "cluster.secret"
@@ -143,6 +160,7 @@ class Replicas:
                 secret_file=self.secret_file,
                 tag_ttl=tag_ttl,
                 settings=settings,
+                lease_ttl=lease_ttl,
             )
             for i in range(count)
         ]
