@@ -175,26 +175,30 @@ async def measure(args: argparse.Namespace, workdir: Path) -> list[tuple[str, st
             ]
             manifest = f"/v2/{image.repo}/manifests/{image.manifest_digest}"
             blob = f"/v2/{image.repo}/blobs/{image.blobs[-1].digest}"
-            baseline: dict[str, float] = {}
-            for label, url, headers in clients_of:
-                for kind, path, unit in (("manifest", manifest, "req/s"), ("blob", blob, "MiB/s")):
-                    runs = [
-                        await clients.wrk(
+            # Rounds interleave the clients, so drift on the machine hits all alike.
+            figures: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.rounds):
+                for label, url, headers in clients_of:
+                    for kind, path in (("manifest", manifest), ("blob", blob)):
+                        run = await clients.wrk(
                             url + path,
                             connections=16,
                             seconds=args.seconds,
                             headers={**ACCEPT, **headers},
                         )
-                        for _ in range(args.rounds)
-                    ]
-                    assert all(r.errors == 0 for r in runs), [str(r) for r in runs]
-                    value = statistics.median(
-                        r.rps if kind == "manifest" else r.mib_per_s for r in runs
-                    )
-                    baseline.setdefault(kind, value)
-                    ratio = value / baseline[kind]
+                        assert run.errors == 0, str(run)
+                        value = run.rps if kind == "manifest" else run.mib_per_s
+                        figures.setdefault((kind, label), []).append(value)
+            for kind, unit in (("manifest", "req/s"), ("blob", "MiB/s")):
+                base = statistics.median(figures[(kind, clients_of[0][0])])
+                for label, _, _ in clients_of:
+                    value = statistics.median(figures[(kind, label)])
                     rows.append(
-                        (f"warm {kind} by digest, {label}", f"{value:,.0f} {unit}", f"{ratio:.2f}x")
+                        (
+                            f"warm {kind} by digest, {label}",
+                            f"{value:,.0f} {unit}",
+                            f"{value / base:.2f}x",
+                        )
                     )
             n = args.sequential
             cached = await sequential_ms(http, secured + manifest, {**ACCEPT, **basic(owner)}, n)

@@ -8,13 +8,22 @@
 #       -f deploy/Dockerfile -t registry-proxy .
 #
 # Debian bookworm with python3 (3.11), python3-venv and ca-certificates; no manuals,
-# documentation or translations. MIRROR defaults to $DEBIAN_MIRROR or deb.debian.org;
-# the security suite comes from $DEBIAN_SECURITY_MIRROR (default: its deb.debian.org
-# counterpart). Needs mmdebstrap (Debian package) and root, or its unshare mode.
+# documentation or translations. The certificate authorities this machine adds to
+# Debian's (/usr/local/share/ca-certificates/*.crt: an internal package index, a
+# TLS-inspecting proxy) are added too, so the build's pip trusts what this machine trusts.
+# MIRROR defaults to $DEBIAN_MIRROR or deb.debian.org; the security suite comes from
+# $DEBIAN_SECURITY_MIRROR (default: its deb.debian.org counterpart). Needs mmdebstrap
+# (Debian package) and root.
 set -eu
 out=${1:?usage: deploy/base-image.sh OUT.tar [MIRROR]}
 mirror=${2:-${DEBIAN_MIRROR:-http://deb.debian.org/debian}}
 security=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+local_cas=/usr/local/share/ca-certificates
+set --
+if ls "$local_cas"/*.crt >/dev/null 2>&1; then
+    set -- --customize-hook="copy-in $local_cas /usr/local/share" \
+        --customize-hook='chroot "$1" update-ca-certificates --fresh >/dev/null 2>&1'
+fi
 exec mmdebstrap --quiet --variant=apt \
     --include=python3,python3-venv,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -22,4 +31,5 @@ exec mmdebstrap --quiet --variant=apt \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
+    "$@" \
     bookworm "$out" "$mirror" "deb $security bookworm-security main"

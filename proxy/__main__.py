@@ -1,20 +1,28 @@
-"""Command line: ``registry-proxy serve`` and ``registry-proxy check-config``.
+"""Command line: ``registry-proxy serve``, ``registry-proxy check-config`` and
+``registry-proxy --version``.
 
 The override flags are not listed here: one per ``proxy.settings.OPTIONS``, declared with
 the settings they override.
+
+What stops ``serve`` from starting (the cache directory cannot be created, an address
+is in use or not allowed) ends in one line on stderr and exit status 1, never a
+traceback (``--log-level debug`` logs it). A bad configuration exits 2 naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
 import yaml
 
+from proxy import __version__
 from proxy.settings import OPTIONS, ConfigError, Settings, load_settings
 
+EXIT_START_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
@@ -22,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="registry-proxy", description="Caching pull-through proxy for OCI registries"
     )
+    parser.add_argument("--version", action="version", version=f"registry-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the proxy"),
@@ -59,8 +68,24 @@ def serve(settings: Settings) -> int:
     from proxy.app import run
 
     logs.configure(settings.log_level, settings.log_format)
-    asyncio.run(run(settings))
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _start_error(f"cannot create cache directory {settings.cache_dir}", exc)
+    try:
+        asyncio.run(run(settings))
+    except OSError as exc:  # only start-up gets here: serving handles its own errors
+        return _start_error("cannot start", exc)
     return 0
+
+
+def _start_error(what: str, exc: OSError) -> int:
+    logging.getLogger("proxy").debug("%s", what, exc_info=exc)
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) not in reason:
+        reason = f"{reason}: {exc.filename}"
+    print(f"registry-proxy: {what}: {reason}", file=sys.stderr)
+    return EXIT_START_ERROR
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ LIMIT_REJECTIONS = Counter(
 IDENTITY_USAGE = Counter(
     PREFIX + "identity_usage_total",
     "Usage by identity (a local user's name, else anonymous or passthrough) and counter "
-    "(requests, cache_bytes, upstream_bytes, denials, limited)",
+    "(requests, cache_bytes, upstream_bytes, cold_fetches, denials, limited)",
     ["identity", "counter"],
 )
 TOKENS_ISSUED = Counter(

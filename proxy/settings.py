@@ -35,6 +35,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import UnionType
 from typing import (
@@ -245,7 +246,11 @@ class Rate:
     period: float
 
     def __str__(self) -> str:
-        return f"{self.amount}/{self.period:g}s"
+        # Plain decimal digits, as _RATE reads them (':g' wrote 30d as 2.592e+06s).
+        period = format(Decimal(repr(self.period)), "f")
+        if "." in period:
+            period = period.rstrip("0").rstrip(".")
+        return f"{self.amount}/{period}s"
 
 
 def _rate(value: object, key: str, amount: Callable[[object, str], int]) -> Rate:
@@ -281,6 +286,13 @@ def parse_network(value: object, key: str) -> str:
         return str(ipaddress.ip_network(str(value), strict=False))
     except ValueError:
         raise ConfigError(key, f"expected an IP address or network, got {value!r}") from None
+
+
+def parse_networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of addresses or networks, each normalised; an error names ``key[i]``."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of IP addresses or networks")
+    return tuple(parse_network(item, f"{key}[{index}]") for index, item in enumerate(value))
 
 
 def _lower(value: object, key: str) -> object:
@@ -377,7 +389,8 @@ UpstreamName = Annotated[
 ]
 CountRate = Annotated[Rate, Parse(parse_count_rate), Show(str)]
 SizeRate = Annotated[Rate, Parse(parse_size_rate), Show(str)]
-Network = Annotated[str, Parse(parse_network)]
+# A Parse marker applies to the field's own type, not to the items of a tuple.
+Networks = Annotated[tuple[str, ...], Parse(parse_networks), Show(list)]
 FilePath = Annotated[Path, Parse(parse_directory), Show(str), Expect("a file path")]
 Visibility = Literal["auto", "public", "private"]
 HostNames = Annotated[
@@ -405,7 +418,7 @@ def _section(cls: type[_S]) -> Parse:
         values: dict[str, Any] = {}
         for info in fields(cls):
             item = value.get(info.name)
-            if item is not None:
+            if item is not None or info.required:  # a missing required key is refused by name
                 values[info.name] = _convert(info, item, f"{key}.{info.name}", True)
         return cls(**values)
 
@@ -453,7 +466,7 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     htpasswd: FilePath | None = None
     token: Annotated[TokenSettings, _section(TokenSettings), _SectionShow] = TokenSettings()
-    trusted_proxies: Annotated[tuple[Network, ...], Show(list)] = ()
+    trusted_proxies: Networks = ()
     decision_ttl: Duration = DEFAULT_DECISION_TTL
     visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +39,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy import metrics
+from proxy.access.bounded import Bounded
 from proxy.access.htpasswd import Htpasswd
 from proxy.access.identity import (
     Credential,
     Identity,
     Presented,
     client_address,
+    is_trusted,
     parse_authorization,
 )
 from proxy.access.limits import Limits, Usage
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("proxy.audit")
 
 IDENTITY_KEY = web.RequestKey("identity", Identity)
+HEADER_TTL = 60.0
+MAX_HEADERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class AccessControl:
             or settings.access.rules != DEFAULT_RULES
         )
         self.tokens: TokenService | None = None
+        self._headers: Bounded[str, tuple[Identity, float, int]] = Bounded(MAX_HEADERS)
         self._token_settings = auth.token
         self._cache_dir = settings.cache_dir
         self._realm = auth.token.realm
@@ -141,9 +147,18 @@ class AccessControl:
         if known is not None:
             return known
         address = self.address(request)
+        if not self.engaged:
+            # Nothing to protect: any Authorization header (another scheme, credentials
+            # meant for someone else) is ignored, as it was before access control.
+            identity = Identity("anonymous", address)
+            request[IDENTITY_KEY] = identity
+            return identity
+        header = request.headers.get("Authorization")
         try:
-            presented = parse_authorization(request.headers.get("Authorization"))
-            identity = await self._identity(presented, address)
+            if header is None:
+                identity = Identity("anonymous", address)
+            else:
+                identity = await self._remembered(header, address)
         except Unauthorized as exc:
             metrics.ACCESS_DECISIONS.labels("deny", "bad_credentials").inc()
             audit.warning(
@@ -160,17 +175,44 @@ class AccessControl:
         return identity
 
     def address(self, request: web.Request) -> str:
-        return client_address(request.remote, request.headers.get("X-Forwarded-For"), self._trusted)
+        # Every X-Forwarded-For line, in order: a proxy that appends its own line must not
+        # leave the client's forged first line to decide.
+        forwarded = ", ".join(request.headers.getall("X-Forwarded-For", [])) or None
+        return client_address(request.remote, forwarded, self._trusted)
 
-    async def _identity(self, presented: Presented | None, address: str) -> Identity:
-        if presented is None or not self.engaged:
-            return Identity("anonymous", address)
+    async def _remembered(self, header: str, address: str) -> Identity:
+        """The identity an ``Authorization`` value stands for, remembered for
+        ``HEADER_TTL`` (a token: until it expires; a local user: until the htpasswd file
+        changes), so a client sending the same header on every request is looked at once.
+        Only accepted headers are remembered; a refused one is checked again each time."""
+        now = time.monotonic()
+        version = self.htpasswd.version() if self.htpasswd is not None else 0
+        known = self._headers.get(header)
+        if known is not None and known[1] > now and known[2] == version:
+            template = known[0]
+            return Identity(
+                template.kind,
+                address,
+                template.name,
+                template.groups,
+                template.credential,
+                template.fingerprint,
+                template.grants,
+            )
+        identity, lifetime = await self._identity(parse_authorization(header), address)
+        self._headers[header] = (identity, now + min(HEADER_TTL, lifetime), version)
+        return identity
+
+    async def _identity(self, presented: Presented | None, address: str) -> tuple[Identity, float]:
+        """The identity and how long it may be remembered, in seconds."""
+        if presented is None:
+            return Identity("anonymous", address), HEADER_TTL
         if presented.scheme == "bearer":
             assert presented.token is not None and self.tokens is not None
             claims = self.tokens.verify(presented.token)
             name = claims.subject if claims.kind == "user" else None
             groups = self.rules.groups_of(name) if name else frozenset()
-            return Identity(
+            identity = Identity(
                 claims.kind,
                 address,
                 name,
@@ -178,16 +220,17 @@ class AccessControl:
                 fingerprint=claims.fingerprint,
                 grants=claims.grants,
             )
+            return identity, claims.expires - time.time()
         credential = presented.credential
         assert credential is not None
-        return await self.login(credential, address)
+        return await self.login(credential, address), HEADER_TTL
 
     async def login(self, credential: Credential, address: str) -> Identity:
         """A local user when the name is one (wrong password: ``Unauthorized``), else a
         pass-through identity when any upstream passes credentials through."""
         if self.htpasswd is not None and credential.username in self.htpasswd:
             try:
-                ok = await self.htpasswd.verify(credential.username, credential.password)
+                ok = await self.htpasswd.verify(credential.username, credential.password, address)
             except TooManyRequests:
                 metrics.LIMIT_REJECTIONS.labels("logins", credential.username).inc()
                 raise
@@ -285,9 +328,7 @@ class AccessControl:
         if not self.engaged:
             return identity
         decision = await self.decide(identity, upstream, repo, reference)
-        metrics.ACCESS_DECISIONS.labels(
-            "allow" if decision.allowed else "deny", decision.reason
-        ).inc()
+        _count(decision)
         if decision.allowed:
             return identity
         self.usage.add(identity.key, identity.label, "denials")
@@ -334,13 +375,8 @@ class AccessControl:
 
     def _scheme(self, request: web.Request) -> str:
         proto = request.headers.get("X-Forwarded-Proto")
-        if proto in ("http", "https") and self._trusted:
-            peer = request.remote or ""
-            try:
-                if any(ipaddress.ip_address(peer) in n for n in self._trusted):
-                    return proto
-            except ValueError:
-                pass
+        if proto in ("http", "https") and is_trusted(request.remote or "", self._trusted):
+            return proto
         return request.scheme
 
     # --- the token service ---------------------------------------------------------------
@@ -374,9 +410,7 @@ class AccessControl:
             except RegistryError:
                 continue
             decision = await self.decide(identity, route.upstream, route.repo, None)
-            metrics.ACCESS_DECISIONS.labels(
-                "allow" if decision.allowed else "deny", decision.reason
-            ).inc()
+            _count(decision)
             if decision is DENY_PASSTHROUGH:
                 refused_passthrough += 1
             if decision.allowed:
@@ -447,6 +481,18 @@ class AccessControlledBlobs(RepositoryBlobs):
     async def open(self, digest: Digest) -> OpenedBlob:
         await self._authorize()
         return await self._inner.open(digest)
+
+
+_COUNTERS: dict[Decision, Any] = {}
+
+
+def _count(decision: Decision) -> None:
+    """Count a decision; the labelled child is looked up once per decision."""
+    counter = _COUNTERS.get(decision)
+    if counter is None:
+        label = "allow" if decision.allowed else "deny"
+        counter = _COUNTERS[decision] = metrics.ACCESS_DECISIONS.labels(label, decision.reason)
+    counter.inc()
 
 
 def _precreate_series(engaged: bool, limits: LimitSettings) -> None:

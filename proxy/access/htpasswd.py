@@ -11,13 +11,15 @@ bcrypt is slow on purpose, so it never runs on the event loop and its work is bo
   costs one bcrypt per file version;
 * verifications run in threads, at most ``MAX_CONCURRENT`` at a time, with at most
   ``MAX_WAITING`` queued; beyond that a login is refused at once (``TooManyRequests``);
-* after ``MAX_FAILURES`` wrong passwords for one user within ``FAILURE_WINDOW`` seconds,
-  further attempts for that user are refused without hashing until the window passes.
+* after ``MAX_FAILURES`` wrong passwords for one user from one address within
+  ``FAILURE_WINDOW`` seconds, further attempts for that user from there are refused
+  without hashing until the window passes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
@@ -27,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bcrypt
-from cachetools import LRUCache
 
+from proxy.access.bounded import Bounded
 from proxy.errors import TooManyRequests
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,11 @@ class Htpasswd:
         self._clock = clock
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, int] | None = None
+        self._version = 0
         self._checked = -RELOAD_INTERVAL
         self._key = os.urandom(32)
-        self._verified: LRUCache[bytes, str] = LRUCache(MAX_REMEMBERED)
-        self._failures: LRUCache[str, list[float]] = LRUCache(MAX_REMEMBERED)
+        self._verified: Bounded[bytes, str] = Bounded(MAX_REMEMBERED)
+        self._failures: Bounded[str, list[float]] = Bounded(MAX_REMEMBERED)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self._waiting = 0
         self._warned = False
@@ -59,6 +62,11 @@ class Htpasswd:
     def load(self) -> None:
         """Read the file now; raises OSError when it cannot be read (at start-up)."""
         self._read(self._path.stat())
+
+    def version(self) -> int:
+        """A number that changes whenever the file is read again (re-read first if due)."""
+        self._maybe_reload()
+        return self._version
 
     def users(self) -> frozenset[str]:
         self._maybe_reload()
@@ -68,9 +76,11 @@ class Htpasswd:
         self._maybe_reload()
         return username in self._users
 
-    async def verify(self, username: str, password: str) -> bool:
+    async def verify(self, username: str, password: str, source: str = "") -> bool:
         """Whether ``password`` is ``username``'s. Raises ``TooManyRequests`` when the
-        user has failed too often or too many verifications are queued."""
+        user has failed too often from ``source`` (the client address: a stranger's wrong
+        guesses cannot lock a user out everywhere) or too many verifications are queued."""
+        failure_key = f"{username}\0{source}"
         self._maybe_reload()
         hashed = self._users.get(username)
         if hashed is None:
@@ -79,7 +89,7 @@ class Htpasswd:
         if self._verified.get(token) == username:
             return True
         now = self._clock()
-        recent = [t for t in self._failures.get(username, []) if now - t < FAILURE_WINDOW]
+        recent = [t for t in self._failures.get(failure_key, []) if now - t < FAILURE_WINDOW]
         if len(recent) >= MAX_FAILURES:
             retry = int(FAILURE_WINDOW - (now - recent[0])) + 1
             raise TooManyRequests(
@@ -95,10 +105,12 @@ class Htpasswd:
             self._waiting -= 1
         if ok:
             self._verified[token] = username
-            self._failures.pop(username, None)
+            self._failures.pop(failure_key, None)
         else:
-            recent.append(now)
-            self._failures[username] = recent
+            # Read the failures again: concurrent attempts may have added theirs meanwhile.
+            failures = [t for t in self._failures.get(failure_key, []) if now - t < FAILURE_WINDOW]
+            failures.append(now)
+            self._failures[failure_key] = failures
         return ok
 
     def _maybe_reload(self) -> None:
@@ -118,7 +130,11 @@ class Htpasswd:
     def _read(self, stat: os.stat_result) -> None:
         users: dict[str, bytes] = {}
         skipped = 0
-        for line in self._path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # unreadable too: load() and reloads say OSError
+            raise OSError(errno.EILSEQ, f"not UTF-8 (byte {exc.start})") from None
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -135,6 +151,7 @@ class Htpasswd:
             )
         self._users = users
         self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self._version += 1
         self._verified.clear()
         self._warned = False
         log.info("htpasswd file %s: %d user(s)", self._path, len(users))

@@ -136,9 +136,16 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     return address
 
 
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``address`` (IPv4-mapped IPv6 included) is in one of ``trusted``."""
+    return _trusted(address, trusted)
+
+
 def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in trusted)
+    # A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d; match either form.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in network or (mapped is not None and mapped in network) for network in trusted)

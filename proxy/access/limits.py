@@ -8,6 +8,12 @@ replicas; Redis's own clock, so replicas agree). Without Redis, or while it is
 unreachable, the same algorithm runs in memory (per process: limits loosen, they never
 block pulls because Redis is down).
 
+Time is a float of seconds since the epoch, so a theoretical arrival time drifts by an
+ulp or so per unit taken (and Lua's ``tostring`` keeps 14 digits: the script stores 17).
+A unit is therefore admitted when at most ``SLACK`` (or half an interval, if less) is
+missing for it, and ``remaining`` counts the same way: a burst is exactly ``amount``,
+never one short.
+
 Three operations: ``take`` (admit ``cost`` or refuse), ``check`` (is there room at all;
 nothing taken) and ``charge`` (count ``cost`` whatever the state: bytes, known only once
 a fetch has started).
@@ -28,9 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cachetools import LRUCache
-
 from proxy import metrics
+from proxy.access.bounded import Bounded
 from proxy.cache.redis import RedisLayer
 from proxy.errors import TooManyRequests
 from proxy.settings import Rate
@@ -40,10 +45,11 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 100_000
 FLUSH_INTERVAL = 5.0
 USAGE_TTL = 7 * 86400
+SLACK = 0.001
 COUNTERS = ("requests", "cache_bytes", "upstream_bytes", "cold_fetches", "denials", "limited")
 Mode = Literal["take", "check", "charge"]
 
-# KEYS[1] bucket; ARGV: interval (s per unit), period (s), cost, mode.
+# KEYS[1] bucket; ARGV: interval (s per unit), period (s), cost, mode, slack (s).
 # Returns {allowed (0/1), seconds until allowed, seconds of usage ahead of now} as strings
 # (Redis truncates Lua numbers to integers).
 GCRA_SCRIPT = """
@@ -53,14 +59,16 @@ local interval = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local mode = ARGV[4]
+local slack = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local new = tat + cost * interval
-if mode ~= 'charge' and new - period > now then
+if mode ~= 'charge' and new - period - now > slack then
   return {'0', tostring(new - period - now), tostring(tat - now)}
 end
 if mode ~= 'check' then
-  redis.call('SET', KEYS[1], tostring(new), 'PX', math.ceil((new - now) * 1000) + 1000)
+  local stored = string.format('%.17g', new)
+  redis.call('SET', KEYS[1], stored, 'PX', math.ceil((new - now) * 1000) + 1000)
   tat = new
 end
 return {'1', '0', tostring(tat - now)}
@@ -101,9 +109,10 @@ class Bucket:
         self.name = name
         self.rate = rate
         self._interval = rate.period / rate.amount
+        self._slack = min(self._interval / 2, SLACK)
         self._redis = redis
         self._clock = clock
-        self._local: LRUCache[str, float] = LRUCache(MAX_KEYS)
+        self._local: Bounded[str, float] = Bounded(MAX_KEYS)
         self._script: Any = None
 
     async def take(self, key: str, cost: int = 1) -> Verdict:
@@ -122,7 +131,7 @@ class Bucket:
         if result is None:
             result = self._local_run(key, cost, mode)
         allowed, wait, ahead = result
-        remaining = math.floor((self.rate.period - ahead) / self._interval)
+        remaining = math.floor((self.rate.period - ahead + self._slack) / self._interval)
         return Verdict(allowed, self.rate.amount, remaining, wait, self.rate.period)
 
     async def _redis_run(self, key: str, cost: int, mode: Mode) -> tuple[bool, float, float] | None:
@@ -135,7 +144,8 @@ class Bucket:
 
         async def call() -> Any:
             return await script(
-                keys=[name], args=[repr(self._interval), repr(self.rate.period), cost, mode]
+                keys=[name],
+                args=[repr(self._interval), repr(self.rate.period), cost, mode, repr(self._slack)],
             )
 
         reply = await redis.run("limit", call)
@@ -148,7 +158,7 @@ class Bucket:
         now = self._clock()
         tat = max(self._local.get(key, now), now)
         new = tat + cost * self._interval
-        if mode != "charge" and new - self.rate.period > now:
+        if mode != "charge" and new - self.rate.period - now > self._slack:
             return False, new - self.rate.period - now, tat - now
         if mode != "check":
             self._local[key] = new
@@ -173,7 +183,8 @@ class Usage:
     def __init__(self, redis: RedisLayer | None, *, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._clock = clock
-        self._totals: LRUCache[str, IdentityUsage] = LRUCache(MAX_KEYS)
+        self._totals: Bounded[str, IdentityUsage] = Bounded(MAX_KEYS)
+        self._children: dict[tuple[str, str], Any] = {}  # labels are bounded: users, kinds
         self._pending: dict[str, dict[str, int]] = {}
         self._labels: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
@@ -190,8 +201,11 @@ class Usage:
             self._labels[key] = label
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._flush_later())
-        if counter in ("requests", "cache_bytes", "upstream_bytes", "denials", "limited"):
-            metrics.IDENTITY_USAGE.labels(label, counter).inc(amount)
+        child = self._children.get((label, counter))
+        if child is None:
+            child = metrics.IDENTITY_USAGE.labels(label, counter)
+            self._children[(label, counter)] = child
+        child.inc(amount)
 
     async def _flush_later(self) -> None:
         try:

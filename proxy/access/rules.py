@@ -16,8 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cachetools import LRUCache
-
+from proxy.access.bounded import Bounded
 from proxy.settings import AccessRule
 
 USER_PLACEHOLDER = "${user}"
@@ -69,21 +68,21 @@ def glob_regex(pattern: str) -> str:
 class Rules:
     def __init__(self, rules: Sequence[AccessRule], groups: Mapping[str, Sequence[str]]) -> None:
         self._plain: list[tuple[re.Pattern[str], int, Grant]] = []
-        self._templated: list[tuple[re.Pattern[str], str, Grant]] = []
+        # The regexes of the parts around each ${user}, joined by the requester's name
+        # at match time (a capture group would be filled greedily by a neighbouring glob).
+        self._templated: list[tuple[list[str], str, Grant]] = []
         for rule in rules:
             grant = _grant(rule)
             if USER_PLACEHOLDER in rule.repos:
-                head, _, tail = rule.repos.partition(USER_PLACEHOLDER)
-                # The user's name, captured, must equal the requester's; names contain no '/'.
-                regex = glob_regex(head) + "(?P<user>[^/]+)" + glob_regex(tail)
-                self._templated.append((re.compile(regex), rule.repos, grant))
+                parts = [glob_regex(part) for part in rule.repos.split(USER_PLACEHOLDER)]
+                self._templated.append((parts, rule.repos, grant))
             else:
                 self._plain.append((re.compile(glob_regex(rule.repos)), len(rule.repos), grant))
         self._members: dict[str, frozenset[str]] = {}
         for group, members in groups.items():
             for user in members:
                 self._members[user] = self._members.get(user, frozenset()) | {group}
-        self._cache: LRUCache[tuple[str, str | None], Grant | None] = LRUCache(MAX_CACHED)
+        self._cache: Bounded[tuple[str, str | None], Grant | None] = Bounded(MAX_CACHED)
 
     def groups_of(self, user: str) -> frozenset[str]:
         return self._members.get(user, frozenset())
@@ -100,11 +99,10 @@ class Rules:
         for regex, length, grant in self._plain:
             if length > best_length and regex.fullmatch(path):
                 best, best_length = grant, length
-        if user is not None:
-            for regex, pattern, grant in self._templated:
-                length = len(pattern) - len(USER_PLACEHOLDER) + len(user)
-                m = regex.fullmatch(path)
-                if m is not None and m.group("user") == user and length > best_length:
+        if user and "/" not in user:  # a name fills one path component, never more
+            for parts, pattern, grant in self._templated:
+                length = len(pattern) + (len(parts) - 1) * (len(user) - len(USER_PLACEHOLDER))
+                if length > best_length and re.fullmatch(re.escape(user).join(parts), path):
                     best, best_length = grant, length
         self._cache[key] = best
         return best

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -26,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cachetools import LRUCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from proxy.access.bounded import Bounded
 from proxy.access.identity import IdentityKind
 from proxy.errors import Unauthorized
 
@@ -64,7 +65,7 @@ class TokenService:
         self._public = key.public_key()
         self._algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
         self._clock = clock
-        self._verified: LRUCache[str, TokenClaims] = LRUCache(MAX_REMEMBERED)
+        self._verified: Bounded[str, TokenClaims] = Bounded(MAX_REMEMBERED)
 
     @classmethod
     def from_settings(
@@ -162,8 +163,10 @@ def load_or_generate_key(
             serialization.NoEncryption(),
         )
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # A unique temp name (mode 0600): a PID-named one collides with a concurrent
+        # start in this process and with one a crash left (PID 1 in every container).
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temp = Path(name)
         with os.fdopen(fd, "wb") as out:
             out.write(pem)
             out.flush()

@@ -16,9 +16,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from cachetools import LRUCache
-
 from proxy import metrics
+from proxy.access.bounded import Bounded
 from proxy.cache.redis import RedisLayer
 from proxy.errors import TooManyRequests, UpstreamError
 
@@ -40,8 +39,8 @@ class Verdicts:
         self._ttl = ttl
         self._redis = redis
         self._clock = clock
-        self._fresh: LRUCache[str, tuple[bool, float]] = LRUCache(MAX_VERDICTS)
-        self._last: LRUCache[str, bool] = LRUCache(MAX_VERDICTS)
+        self._fresh: Bounded[str, tuple[bool, float]] = Bounded(MAX_VERDICTS)
+        self._last: Bounded[str, bool] = Bounded(MAX_VERDICTS)
         self._pending: dict[str, asyncio.Task[bool | None]] = {}
         self._writes: set[asyncio.Task[object]] = set()  # strong references until done
 

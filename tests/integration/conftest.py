@@ -53,6 +53,16 @@ from tests.rig.upstreams import LyingUpstream
 from tests.rig.world import World, running_world
 
 from .binaries import binary_or_skip
+from .report import IMAGE_REPORT
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(IMAGE_REPORT, None)
+    if report is not None:
+        terminalreporter.write_line(
+            f"container image: {report.size / 1e6:.1f} MB, docker build"
+            f" {report.build_seconds:.1f} s (mmdebstrap base {report.base_seconds:.1f} s)"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

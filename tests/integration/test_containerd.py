@@ -12,13 +12,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 
 from tests.rig import oci
 from tests.rig.containerd import Containerd, write_hosts_dir
+from tests.rig.proxy_app import ProxyUnderTest
 from tests.rig.recording import Exchange, PassThrough
+from tests.rig.registry import Registry
 from tests.rig.skopeo import Skopeo
 from tests.rig.world import ANON_ALIAS, World
+
+from .clients import (
+    IMAGE_KINDS,
+    KIND_IDS,
+    MACHINE_ARCH,
+    ImageKind,
+    platform_layers,
+    platform_manifest,
+    push_kind,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +171,34 @@ async def test_ctr_with_override_path_to_an_upstream_prefix(
     assert {tuple(ns_of(e)) for e in requests} == {(world.tok.host,)}
     assert result.returncode == 0, (result.stderr, front.log.summary())
     assert {image.manifest.digest, *image.layer_digests} <= await containerd.content_digests()
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS, ids=KIND_IDS)
+async def test_ctr_fetches_every_image_kind_through_the_proxy(
+    kind: ImageKind,
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    proxy: ProxyUnderTest,
+    containerd: Containerd,
+    skopeo: Skopeo,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The client matrix's four kinds (OCI image, Docker v2s2 image, OCI index, Docker
+    manifest list), the machine's platform, with ``ns`` naming the upstream's host: the
+    content store holds exactly the upstream's digests."""
+    pushed = await push_kind(kind, tmp_path, registry, skopeo, http)
+    hosts = write_hosts_dir(tmp_path / "certs.d", {passthrough.host: proxy.url})
+    passthrough.log.clear()
+
+    result = await containerd.fetch(hosts, f"{passthrough.host}/{pushed.repo}:{pushed.tag}")
+    assert result.returncode == 0, (result.stderr, passthrough.log.summary())
+    manifest = platform_manifest(pushed)
+    config = manifest["config"]
+    assert isinstance(config, dict)
+    expected = {pushed.top.header_digest, config["digest"], *platform_layers(pushed)}
+    if pushed.children:
+        expected.add(pushed.children[MACHINE_ARCH].header_digest)
+    assert expected <= await containerd.content_digests()
+    for layer in platform_layers(pushed):
+        assert len(passthrough.log.blob_gets(layer)) == 1, passthrough.log.summary()

@@ -30,7 +30,7 @@ def dockerfile_probe() -> str:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     (line,) = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
     argv: list[str] = json.loads(line[line.index("CMD") + len("CMD") :])
-    assert argv[:2] == ["python", "-c"]
+    assert argv[:2] == ["/opt/registry-proxy/bin/python", "-c"]
     return argv[2]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,19 @@ DOCKER_BINARY = "/usr/bin/docker"
 DOCKERD_START_TIMEOUT = 30.0
 DOCKER_TIMEOUT = 180.0
 BUILD_TIMEOUT = 900.0
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory``, deepest first (from /proc/self/mounts;
+    octal escapes such as ``\\040`` for a space decoded)."""
+    prefix = str(directory.resolve())
+    points: list[str] = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            point = line.split()[1].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
 
 
 class Dockerd(ChildProcess):
@@ -111,8 +125,12 @@ class Dockerd(ChildProcess):
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM by PID (dockerd stops its containers and containerd), SIGKILL after
-        ``timeout``; then the temp dir goes. Idempotent."""
+        ``timeout``; then what it left mounted in its temp dir (the network namespace
+        it bind-mounts under the exec root) is unmounted and the temp dir goes.
+        Idempotent."""
         super().stop(max(timeout, 20.0))
+        for mount_point in mounts_under(self.workdir):
+            subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def cli_environment(self) -> dict[str, str]:

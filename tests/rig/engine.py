@@ -22,12 +22,16 @@ LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"
 
 
 class EngineError(AssertionError):
-    """An engine command failed; the message carries the command line, its exit code and
-    stderr. An AssertionError, so a test fails (not errors) with it."""
+    """An engine command failed; the message carries the command line, its exit code, the
+    end of its stdout (a build's log) and stderr. An AssertionError, so a test fails (not
+    errors) with it."""
 
     def __init__(self, result: Completed) -> None:
         ended = "timed out" if result.returncode is None else f"exited {result.returncode}"
-        super().__init__(f"{result.command} {ended}\nstderr:\n{result.stderr[-4000:]}")
+        super().__init__(
+            f"{result.command} {ended}\nstdout (end):\n{result.stdout[-3000:]}"
+            f"\nstderr:\n{result.stderr[-4000:]}"
+        )
         self.result = result
 
 

@@ -1,13 +1,19 @@
-"""The runtime configurations in deploy/ load, and agree with each other.
+"""The runtime configurations in deploy/ load, and agree with each other and the README.
 
 Every ``deploy/containerd/<registry>/hosts.toml`` (its active host and its commented
 ``override_path`` variant) must reach the upstream of ``deploy/registry-proxy.multi.yaml``
 that serves ``<registry>``: by ``ns`` alone, or by ``ns`` plus a ``/v2/<upstream-name>``
 prefix naming the same upstream.
+
+The README's copy-paste client configurations (containerd's hosts.toml, Docker's
+daemon.json, podman's registries.conf) are the files in deploy/, which are what the
+integration tests run the clients with (the proxy's address put in).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,11 @@ import yaml
 
 from proxy.routing import Router
 from proxy.settings import Settings
+from tests.rig.containerd import hosts_toml
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+README = ROOT / "README.md"
 MULTI = DEPLOY / "registry-proxy.multi.yaml"
 REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "registry.example.com")
 EXPECTED_UPSTREAM = {
@@ -99,3 +108,80 @@ def test_containerd_hosts_toml_reaches_the_right_upstream(registry: str, tmp_pat
             route = router.route(name, registry)
             assert route.upstream.name == EXPECTED_UPSTREAM[registry], url
             assert route.repo == "team/app", (url, route.repo)
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in ``language``, de-indented."""
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^\1```", README.read_text(), flags=re.M | re.S)
+    return ["\n".join(line[len(indent) :] for line in body.splitlines()) for indent, body in blocks]
+
+
+def test_readme_daemon_json_is_deploys() -> None:
+    (block,) = [b for b in readme_blocks("json") if "registry-mirrors" in b]
+    assert json.loads(block) == json.loads((DEPLOY / "docker" / "daemon.json").read_text())
+
+
+def test_readme_podman_registries_conf_is_deploys() -> None:
+    (block,) = [b for b in readme_blocks("toml") if "registry.mirror" in b]
+    deployed = tomllib.loads((DEPLOY / "podman" / "registries.conf").read_text())
+    assert tomllib.loads(block) == deployed
+    assert deployed["registry"][0]["location"] == "docker.io"
+    assert deployed["registry"][0]["mirror"] == [
+        {"location": "registry-proxy.internal:5000", "insecure": True}
+    ]
+
+
+def test_readme_hosts_toml_is_deploys_and_the_rigs() -> None:
+    """The README's docker.io hosts.toml is deploy/'s, and the one the containerd tests
+    write (tests/rig/containerd.py), but for the addresses."""
+    (block,) = [b for b in readme_blocks("toml") if "capabilities" in b]
+    deployed = (DEPLOY / "containerd" / "docker.io" / "hosts.toml").read_text()
+    assert tomllib.loads(block) == tomllib.loads(deployed)
+    rig = hosts_toml("http://registry-proxy.internal:5000", "https://registry-1.docker.io")
+    assert tomllib.loads(rig) == tomllib.loads(block)
+
+
+def systemd_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> values (a key may repeat) of a systemd unit file."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_systemd_unit_is_hardened_and_agrees_with_the_configuration() -> None:
+    service = systemd_unit(DEPLOY / "systemd" / "registry-proxy.service")["Service"]
+    argv = service["ExecStart"][0].split()
+    assert argv[1:3] == ["serve", "--config"]
+    config_path = Path(argv[3])
+    assert config_path.parent == Path("/etc") / service["ConfigurationDirectory"][0]
+    # The configuration installed there is deploy/registry-proxy.yaml: its cache.dir is
+    # the unit's CacheDirectory, the one writable place besides the StateDirectory.
+    settings = Settings.from_mapping(
+        yaml.safe_load((DEPLOY / "registry-proxy.yaml").read_text()), environ={}
+    )
+    assert settings.cache_dir == Path("/var/cache") / service["CacheDirectory"][0]
+    sysusers = (DEPLOY / "systemd" / "registry-proxy.sysusers").read_text().split("\n")
+    (user_line,) = [line for line in sysusers if line.startswith("u ")]
+    assert user_line.split()[1] == service["User"][0] == service["Group"][0]
+    assert service["StateDirectory"] == service["CacheDirectory"]
+    for key, value in {
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictSUIDSGID": "yes",
+    }.items():
+        assert service[key] == [value], key
+    # A configuration error (exit 2) is not restarted.
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["2"]

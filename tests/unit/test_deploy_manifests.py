@@ -32,7 +32,9 @@ DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "registry-proxy.yaml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
+VENV = "/opt/registry-proxy"
 KUSTOMIZATIONS = ("overlays/shared", "overlays/per-node", "sidecar")
 PROXY_IMAGE = "registry-proxy"
 PROXY_PORT = 5000
@@ -177,6 +179,11 @@ def test_compose_stack_is_wired() -> None:
                 assert source in compose["volumes"], f"{name}: volume {source} not declared"
     prometheus_mounts = dict(bind_mounts(services["prometheus"]))
     assert prometheus_mounts[COMPOSE_PROMETHEUS] == "/etc/prometheus/prometheus.yml"
+    # The rule files, relative to prometheus.yml, are mounted beside it.
+    for rule_file in load_yaml(COMPOSE_PROMETHEUS)["rule_files"]:
+        assert prometheus_mounts[COMPOSE_PROMETHEUS.parent / rule_file] == (
+            f"/etc/prometheus/{rule_file}"
+        )
     # The datasource points at the prometheus service, the scrape at the proxy service.
     datasource = provisioned_datasource()
     assert datasource["url"] == "http://prometheus:9090"
@@ -198,6 +205,47 @@ def test_compose_environment_overrides_the_image_configuration() -> None:
     assert settings.listen_port == PROXY_PORT
 
 
+def proxy_metric_names() -> set[str]:
+    """Every sample name the proxy's metrics expose (counters with ``_total``,
+    histograms with ``_bucket``/``_sum``/``_count``...)."""
+    from prometheus_client import REGISTRY
+
+    import proxy.metrics  # noqa: F401  # registers them
+
+    return {
+        sample.name
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name.startswith("registry_proxy_")
+    } | {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("registry_proxy_")
+        for suffix in ("", "_total", "_bucket", "_sum", "_count", "_info")
+    }
+
+
+def test_alert_rules_use_only_metrics_the_proxy_exposes() -> None:
+    rules = load_yaml(ALERTS)
+    names = proxy_metric_names()
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len(alerts) == 7
+    for rule in alerts:
+        used = set(re.findall(r"registry_proxy_[a-z_]+", rule["expr"]))
+        assert used, rule["alert"]
+        assert used <= names, (rule["alert"], used - names)
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    tests = load_yaml(ALERTS.parent / "alerts.test.yml")
+    tested = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert tested == {rule["alert"] for rule in alerts}, "every alert has a firing test"
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 
@@ -215,7 +263,12 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_paths_user_and_healthcheck() -> None:
     instructions = dockerfile_instructions()
-    copies = [shlex.split(args) for word, args in instructions if word == "COPY"]
+    # COPY from the build context (a COPY --from=<stage> copies between stages).
+    copies = [
+        shlex.split(args)
+        for word, args in instructions
+        if word == "COPY" and not args.startswith("--from")
+    ]
     for *sources, _ in copies:
         for source in sources:
             if not source.startswith("--"):
@@ -232,13 +285,37 @@ def test_dockerfile_paths_user_and_healthcheck() -> None:
     assert user.split(":")[0] not in ("root", "0")
     health = next(args for word, args in instructions if word == "HEALTHCHECK")
     probe = json.loads(health[health.index("CMD") + len("CMD") :])
-    assert probe[:2] == ["python", "-c"]
+    assert probe[:2] == [f"{VENV}/bin/python", "-c"]
     compile(probe[2], "HEALTHCHECK", "exec")
-    assert f"127.0.0.1:{settings.listen_port}/healthz" in probe[2]
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert f"'127.0.0.1:{settings.listen_port}'" in probe[2] and "/healthz" in probe[2]
+    assert "REGISTRY_PROXY_LISTEN" in probe[2]
+    env = " ".join(args for word, args in instructions if word == "ENV")
+    assert f"PATH={VENV}/bin:" in env
+    # Both builders get the same allow-list: the classic one reads .dockerignore,
+    # BuildKit deploy/Dockerfile.dockerignore.
+    ignores = [
+        [line for line in path.read_text().splitlines() if not line.startswith("#")]
+        for path in (ROOT / ".dockerignore", DEPLOY / "Dockerfile.dockerignore")
+    ]
+    assert ignores[0] == ignores[1]
     for *sources, _ in copies:
         for source in sources:
-            assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignore}, source
+            if not source.startswith("--"):
+                assert f"!{source.rstrip('/')}" in {line.rstrip("/") for line in ignores[0]}
+
+
+def test_dockerfile_needs_no_registry_but_its_base() -> None:
+    """No ``# syntax=`` directive (BuildKit would fetch a frontend from Docker Hub), no
+    BuildKit-only ``RUN --mount``; every stage starts from ``BASE_IMAGE`` (a build arg
+    with the official slim image as its default)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
+    instructions = dockerfile_instructions()
+    assert not any(word == "RUN" and "--mount" in args for word, args in instructions)
+    args = [args for word, args in instructions if word == "ARG"]
+    assert "BASE_IMAGE=python:3.12-slim" in args
+    froms = [args.split()[0] for word, args in instructions if word == "FROM"]
+    assert froms and set(froms) == {"${BASE_IMAGE}"}
 
 
 # --------------------------------------------------------------------------- kubernetes
@@ -372,7 +449,25 @@ def check_proxy_container(
 def test_shared_overlay_replicas_share_redis() -> None:
     objects, _ = kustomize(KUBERNETES / "overlays" / "shared")
     (deployment,) = [o for o in by_kind(objects, "Deployment") if proxy_containers(o)]
-    assert deployment["spec"]["replicas"] >= 2
+    # The autoscaler owns the replica count (a replicas field would fight it).
+    assert "replicas" not in deployment["spec"]
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (pdb,) = by_kind(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == (
         "true"
     )

@@ -1,9 +1,11 @@
-"""The command line: ``check-config`` prints the effective settings or names the bad key."""
+"""The command line: ``check-config`` prints the effective settings or names the bad key;
+``--version``; ``serve`` that cannot start says why in one line (exit 1, no traceback)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.__main__ import EXIT_CONFIG_ERROR, main
+from proxy import __version__
+from proxy.__main__ import EXIT_CONFIG_ERROR, EXIT_START_ERROR, main
 from proxy.settings import ENV_PREFIX, OPTIONS
 
 SECRET = "do-not-print-me"
@@ -170,3 +173,56 @@ def test_python_dash_m_proxy_reports_errors_with_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "log_level" in result.stderr
     assert result.stdout == ""
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"registry-proxy {__version__}\n"
+
+
+def serve_and_fail(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy serve ARGS`` as a newcomer runs it; it must exit on its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == EXIT_START_ERROR == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "registry-proxy:" in line]
+    assert line.startswith("registry-proxy: "), result.stderr
+    for word in words:
+        assert word in line, (word, line)
+
+
+def test_serve_on_a_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_and_fail(
+            tmp_path, "--listen", f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "cache")
+        )
+    assert_one_clean_line(result, "cannot start", str(port), "address already in use")
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "under-proc"])
+def test_serve_with_an_uncreatable_cache_dir_exits_1_with_one_line(
+    tmp_path: Path, where: str
+) -> None:
+    if where == "under-a-file":
+        (tmp_path / "a-file").write_text("")
+        cache = tmp_path / "a-file" / "cache"
+    else:
+        cache = Path("/proc/registry-proxy-absent/cache")
+    result = serve_and_fail(tmp_path, "--listen", "127.0.0.1:0", "--cache-dir", str(cache))
+    assert_one_clean_line(result, "cannot create cache directory", str(cache))
