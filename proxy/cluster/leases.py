@@ -134,9 +134,17 @@ class RedisLeases:
         """Delete the lease if ``holder`` still holds it. Idempotent."""
         await self._layer.run("lease", lambda: self._release(keys=[key], args=[holder.encode()]))
 
-    async def holder(self, key: str) -> LeaseHolder | None:
-        value = await self._layer.run("get", lambda: self._layer.client.get(key))
-        return LeaseHolder.parse(value) if value is not None else None
+    async def held_by(self, key: str, holder: LeaseHolder) -> bool | None:
+        """Whether ``holder`` holds the lease now; None if Redis did not answer (which
+        says nothing about the holder)."""
+
+        async def read() -> tuple[Any]:
+            return (await self._layer.client.get(key),)  # a tuple: an absent key is (None,)
+
+        answer = await self._layer.run("get", read)
+        if answer is None:
+            return None
+        return answer[0] is not None and LeaseHolder.parse(answer[0]) == holder
 
 
 class RedisHolders:

@@ -176,7 +176,7 @@ class ClusterFetch(UpstreamBlob):
                 await asyncio.sleep(self._node.leases.ttl / 3)  # a timer, like renewal
                 stalled = segment.received == seen
                 seen = segment.received
-                if stalled and await self._node.leases.holder(self._key) != owner:
+                if stalled and await self._node.leases.held_by(self._key, owner) is False:
                     segment.cut("the owner's lease lapsed and its stream stalled")
                     return
 

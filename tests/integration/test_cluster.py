@@ -673,8 +673,10 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
     redis_server: RedisServer,
     http: aiohttp.ClientSession,
 ) -> None:
-    """SIGSTOP, not SIGKILL: the owner's connections stay open, so only its lease (1 s
-    here) tells the followers it is gone."""
+    """SIGSTOP, not SIGKILL: the owner's connections stay open, so only its lease (2 s
+    here) tells the followers it is gone. A lease that short may also lapse on the new
+    owner on a loaded machine (a late renewal): then the other follower takes over once
+    more, from its own offset; the bytes are right either way."""
     [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
     layer = image.layers[0]
     hold = fault_proxy.hold_blob(layer.size // 2)
@@ -683,7 +685,7 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
         3,
         upstream_url=fault_proxy.url,
         redis_url=redis_server.url,
-        lease_ttl="1s",
+        lease_ttl="2s",
     )
     url = f"/v2/cluster/app0/blobs/{layer.digest}"
     with running(replicas):
@@ -712,10 +714,10 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
             with contextlib.suppress(BaseException):
                 await first
         assert [sha256(body) for body in bodies] == [layer.digest] * 2
-        gets = fault_proxy.log.blob_gets(layer.digest)
-        assert [e.headers.get("Range", "")[:6] for e in gets] == ["", "bytes="]
+        ranges = [e.headers.get("Range", "")[:6] for e in fault_proxy.log.blob_gets(layer.digest)]
+        assert ranges[0] == "" and set(ranges[1:]) == {"bytes="}, ranges
         takeovers = 0.0
         for follower in followers:
             metrics = await scrape(http, follower.url)
             takeovers += metrics.value("registry_proxy_cluster_leases_total", result="takeover")
-        assert takeovers == 1
+        assert takeovers == len(ranges) - 1 and takeovers in (1, 2)
