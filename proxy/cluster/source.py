@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_SWITCHES = 8
 """Sources one fetch may move through (owner, new owner, upstream) before it fails."""
 
+HOLDER_ANSWER_TIMEOUT = 5.0
+"""How long a holder may take to answer (headers); then the next holder, or upstream."""
+
 SegmentKind = Literal["upstream", "owner", "holder"]
 
 
@@ -194,13 +197,17 @@ class ClusterFetch(UpstreamBlob):
                 continue
             await self._prove(origin)
             try:
-                segment = await self._stack.enter_async_context(
-                    open_peer_blob(self._node.session, self._node.signer, address, self._digest, 0)
-                )
+                # A holder serves a committed file: it answers at once, or it is hung.
+                async with asyncio.timeout(HOLDER_ANSWER_TIMEOUT):
+                    segment = await self._stack.enter_async_context(
+                        open_peer_blob(
+                            self._node.session, self._node.signer, address, self._digest, 0
+                        )
+                    )
             except BlobUnknown:
                 await self._node.holders.remove(self._digest, address)
                 continue
-            except PeerUnavailable:
+            except (PeerUnavailable, TimeoutError):
                 continue
             self._use(segment, "holder")
             return True

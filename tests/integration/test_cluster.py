@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from proxy.cluster.peer import PeerSigner, peer_path
+from proxy.cluster.source import HOLDER_ANSWER_TIMEOUT
 from proxy.model import Digest
 from tests.rig import oci
 from tests.rig.cluster import SECRET, Replicas, RoundRobin, http_status
@@ -721,3 +722,43 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
             metrics = await scrape(http, follower.url)
             takeovers += metrics.value("registry_proxy_cluster_leases_total", result="takeover")
         assert takeovers == len(ranges) - 1 and takeovers in (1, 2)
+
+
+async def test_a_hung_holder_is_passed_over_for_the_upstream(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+    layer = image.layers[0]
+    url = f"/v2/cluster/app0/blobs/{layer.digest}"
+    replicas = Replicas(
+        tmp_path / "replicas", 2, upstream_url=passthrough.url, redis_url=redis_server.url
+    )
+    with running(replicas):
+        holder, other = list(replicas)
+        async with http.get(holder.url + url) as response:
+            assert response.status == 200
+            await response.read()
+        await async_wait_until(
+            lambda: committed_fetches(http, holder.url), within=10, what="the holder to commit"
+        )
+        holder.pause()  # it accepts connections (the kernel does) and never answers
+        try:
+            started = time.monotonic()
+            async with http.get(other.url + url) as response:
+                assert response.status == 200
+                assert sha256(await response.read()) == layer.digest
+            waited = time.monotonic() - started
+        finally:
+            holder.resume()
+        assert waited < HOLDER_ANSWER_TIMEOUT + 5
+        assert len(passthrough.log.blob_gets(layer.digest)) == 2
+
+        async def fetched_upstream() -> bool:
+            metrics = await scrape(http, other.url)
+            return metrics.value("registry_proxy_cluster_fetches_total", source="upstream") == 1
+
+        await async_wait_until(fetched_upstream, within=10, what="the upstream fetch's commit")
