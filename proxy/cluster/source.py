@@ -38,7 +38,7 @@ from proxy.cluster.leases import LeaseHolder
 from proxy.cluster.node import ClusterNode
 from proxy.cluster.peer import PeerBlob, PeerUnavailable, open_peer_blob
 from proxy.errors import BlobUnknown
-from proxy.interfaces import BlobSource, UpstreamBlob, UpstreamBlobHead
+from proxy.interfaces import BlobSource, BlobStatter, UpstreamBlob, UpstreamBlobHead
 from proxy.model import Digest
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,14 @@ class ResumableBlobSource(BlobSource, Protocol):
 class ClusterBlobSource(BlobSource):
     """An upstream ``BlobSource`` whose blob fetches are coordinated across replicas."""
 
-    def __init__(self, inner: ResumableBlobSource, node: ClusterNode) -> None:
+    def __init__(
+        self, inner: ResumableBlobSource, node: ClusterNode, committed: BlobStatter
+    ) -> None:
+        """``committed`` says whether this replica's store holds a blob (its ``stat``):
+        only then is the replica recorded as a holder."""
         self._inner = inner
         self._node = node
+        self._committed = committed
         self.name = inner.name
 
     async def head_blob(self, repo: str, digest: Digest) -> UpstreamBlobHead:
@@ -77,8 +82,11 @@ class ClusterBlobSource(BlobSource):
         try:
             await fetch.open()
             yield fetch
-            # The consumer's block ended without an error: the blob is committed.
-            await fetch.committed()
+            # The consumer's block (it spans the commit) ended without an error: the
+            # blob is stored, unless the cache could not take it (disk full).
+            with suppress(BlobUnknown):
+                await self._committed.stat(digest)
+                await fetch.committed()
         finally:
             await fetch.close()
 

@@ -185,7 +185,9 @@ class PullThroughRegistry:
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
             self.blob_sources[up.name] = (
-                client if self.cluster is None else ClusterBlobSource(client, self.cluster)
+                client
+                if self.cluster is None
+                else ClusterBlobSource(client, self.cluster, self.store)
             )
             manifests = ProxyManifestService(
                 up,
