@@ -33,7 +33,8 @@ from tests.rig import oci
 from tests.rig.cluster import SECRET, Replicas, RoundRobin, http_status
 from tests.rig.distribution import push_image
 from tests.rig.faults import FaultProxy
-from tests.rig.process import async_wait_until
+from tests.rig.process import async_wait_until, free_port
+from tests.rig.proxy_app import proxy_settings_mapping, serve_proxy
 from tests.rig.recording import PassThrough
 from tests.rig.redis_server import REDIS_BINARY, RedisSentinel, RedisServer, redis_client
 from tests.rig.registry import Registry
@@ -762,3 +763,46 @@ async def test_a_hung_holder_is_passed_over_for_the_upstream(
             return metrics.value("registry_proxy_cluster_fetches_total", source="upstream") == 1
 
         await async_wait_until(fetched_upstream, within=10, what="the upstream fetch's commit")
+
+
+async def test_a_draining_replica_is_unready_and_takes_no_lease(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """What SIGTERM does first (``PullThroughRegistry.drain``), seen on an in-process
+    replica, where the listener stays open for the test to ask."""
+    from proxy.api.handlers import REGISTRY_KEY
+
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    port = free_port()
+    mapping = proxy_settings_mapping(passthrough.url, tmp_path / "cache")
+    mapping["cache"]["redis"] = redis_server.url
+    mapping["cluster"] = {"advertise": f"127.0.0.1:{port}", "secret_file": str(secret)}
+    proxy = await serve_proxy(mapping, port=port)
+    try:
+        async with http.get(proxy.url + "/readyz") as response:
+            assert response.status == 200
+            assert (await response.json())["draining"] is False
+        pulls = proxy.app[REGISTRY_KEY]
+        pulls.drain()
+        async with http.get(proxy.url + "/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["draining"] is True
+        assert pulls.cluster is not None and pulls.cluster.closing
+        # Still serving what is asked meanwhile, but fetching as a lone process would.
+        [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
+        layer = image.layers[0]
+        before = await scrape(http, proxy.url)
+        async with http.get(f"{proxy.url}/v2/cluster/app0/blobs/{layer.digest}") as response:
+            assert response.status == 200
+            assert sha256(await response.read()) == layer.digest
+        after = await scrape(http, proxy.url)
+        leases = "registry_proxy_cluster_leases_total"
+        assert after.delta(before, leases, result="unavailable") == 1
+        assert after.delta(before, leases, result="acquired") == 0
+    finally:
+        await proxy.server.stop()
