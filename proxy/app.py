@@ -17,6 +17,7 @@ from proxy import __version__, metrics
 from proxy.access.control import AccessControl
 from proxy.api import handlers, peer
 from proxy.api.accesslog import AccessLogger
+from proxy.api.connections import ConnectionGuard, GuardedAppRunner, raise_open_files_limit
 from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
 from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.routing import Router
@@ -40,6 +41,8 @@ def create_app(settings: Settings) -> web.Application:
     app[handlers.ACCESS_KEY] = access
 
     async def registry_ctx(_app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
         await registry.open()
         await asyncio.to_thread(access.open)
         yield
@@ -61,6 +64,21 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def connection_guard(settings: Settings) -> ConnectionGuard:
+    """The client-connection policy of the main listener (``server.*`` settings)."""
+    return ConnectionGuard(
+        header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        send_timeout=settings.send_timeout,
+        max_connections=settings.max_connections,
+    )
+
+
+def create_runner(app: web.Application, settings: Settings, **kwargs: object) -> web.AppRunner:
+    """The main listener's runner: aiohttp's, with the connection guard in its protocol."""
+    return GuardedAppRunner(app, connection_guard(settings), **kwargs)
+
+
 def create_metrics_app() -> web.Application:
     """/metrics (and /healthz) alone, for a separate scrape address."""
     app = web.Application()
@@ -73,8 +91,10 @@ async def run(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then drain (see below) and close resources in
     reverse."""
     log = logging.getLogger("proxy")
+    open_files = raise_open_files_limit()
     runners: list[web.AppRunner] = []
-    sites = [(create_app(settings), settings.listen_host, settings.listen_port)]
+    main = create_app(settings)
+    sites = [(main, settings.listen_host, settings.listen_port)]
     if settings.metrics_listen is not None:
         sites.append((create_metrics_app(), *settings.metrics_listen))
     stop = asyncio.Event()
@@ -83,12 +103,29 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         for app, host, port in sites:
-            runner = web.AppRunner(
-                app,
-                access_log_class=AccessLogger,
-                handle_signals=False,
-                shutdown_timeout=settings.shutdown_grace,
-            )
+            runner: web.AppRunner
+            if app is main:
+                guarded = GuardedAppRunner(
+                    app,
+                    connection_guard(settings),
+                    access_log_class=AccessLogger,
+                    handle_signals=False,
+                    shutdown_timeout=settings.shutdown_grace,
+                )
+                guarded.guard.install(loop)
+                log.info(
+                    "at most %d client connections (open files limit %d)",
+                    guarded.guard.max_connections,
+                    open_files,
+                )
+                runner = guarded
+            else:
+                runner = web.AppRunner(
+                    app,
+                    access_log_class=AccessLogger,
+                    handle_signals=False,
+                    shutdown_timeout=settings.shutdown_grace,
+                )
             await runner.setup()
             runners.append(runner)
             await web.TCPSite(runner, host, port).start()
@@ -98,7 +135,7 @@ async def run(settings: Settings) -> None:
         # responses in flight get up to shutdown_grace, and fetches still running are
         # cancelled, which releases their leases so a follower takes over at once.
         log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace)
-        sites[0][0][handlers.REGISTRY_KEY].drain()
+        main[handlers.REGISTRY_KEY].drain()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()

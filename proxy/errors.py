@@ -113,3 +113,16 @@ class DigestMismatch(UpstreamError):
 class TooLarge(RegistryError):
     code = "SIZE_INVALID"
     status = 502
+
+
+class CacheWriteFailed(Exception):
+    """The local cache cannot take a write: it failed (ENOSPC, EIO, EDQUOT...) or free
+    space is under ``cache.min_free``. Never rendered to a client: what was being written
+    is served without being cached (pass-through)."""
+
+    def __init__(self, message: str, *, reason: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        """``write_error`` or ``low_space``: the label of the pass-through metric."""
+        self.errno = errno

@@ -8,12 +8,13 @@ the same Protocol and adds exactly one concern; chains are assembled in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from proxy.errors import CacheWriteFailed
 from proxy.model import Descriptor, Digest, Outcome
 
 
@@ -57,15 +58,25 @@ class BlobProvider(Protocol):
 
 
 class BlobWriter(Protocol):
-    """A blob being ingested into a temp file. Exactly one of commit/cancel ends it."""
+    """A blob being ingested into a temp file. Exactly one of commit/cancel ends it.
+
+    When the cache cannot take the blob (no space, a failed write) the writer has no file
+    and only hashes, so what is streamed past the cache can still be verified; ``commit``
+    then raises ``CacheWriteFailed``.
+    """
 
     @property
-    def temp_path(self) -> Path:
-        """The growing temp file; readers may follow it while it is written."""
+    def temp_path(self) -> Path | None:
+        """The growing temp file, which readers may follow while it is written; None when
+        the writer has no file (never had one, or dropped it after a failed write)."""
         ...
 
+    failure: CacheWriteFailed | None
+    """Why the writer has no file (None while it has one)."""
+
     async def write(self, *chunks: bytes) -> None:
-        """Append ``chunks`` (in order) and hash them."""
+        """Append ``chunks`` (in order) and hash them. Raises ``CacheWriteFailed`` once,
+        when writing fails (the file is dropped); afterwards it only hashes."""
         ...
 
     async def verify(self, expected: Descriptor) -> None:
@@ -88,8 +99,9 @@ class BlobWriter(Protocol):
 
 
 class BlobIngester(Protocol):
-    async def create(self, digest: Digest) -> BlobWriter:
-        """Start ingesting the blob ``digest``: a temp file on the store's filesystem."""
+    async def create(self, digest: Digest, size: int | None = None) -> BlobWriter:
+        """Start ingesting the blob ``digest`` (``size`` bytes, when known): a temp file on
+        the store's filesystem, or a writer without one when the space is short."""
         ...
 
     async def put(self, digest: Digest, data: bytes) -> Descriptor:
@@ -122,11 +134,15 @@ class ArrivingBlob(Protocol):
     """The (upstream, repository) the fetch asked upstream for: its success proves that
     repository holds the digest, and no other."""
 
-    def spans(self, offset: int = 0) -> AsyncIterator[tuple[BinaryIO, int, int]]:
-        """(file, offset, length) of the bytes as they are written; raises if it fails."""
+    def spans(
+        self, offset: int = 0
+    ) -> AsyncGenerator[tuple[BinaryIO, int, int] | memoryview, None]:
+        """The bytes as they arrive: (file, offset, length) of what is in the temp file,
+        then, when the cache could not take the rest, the bytes themselves; raises if the
+        fetch fails."""
         ...
 
-    def read(self, offset: int = 0) -> AsyncIterator[bytes]:
+    def read(self, offset: int = 0) -> AsyncGenerator[bytes, None]:
         """The bytes as they are written, in bounded chunks; raises if it fails."""
         ...
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.errors import NameUnknown
-from proxy.model import parse_name
+from proxy.errors import NameInvalid, NameUnknown
+from proxy.model import MAX_NAME_LENGTH, parse_name
 from proxy.settings import UpstreamSettings
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -68,6 +68,11 @@ def is_docker_hub(upstream: UpstreamSettings) -> bool:
 
 
 def _normalise(upstream: UpstreamSettings, repo: str) -> str:
+    """The name the upstream is asked for; refused locally (NAME_INVALID) when longer than
+    a registry accepts, so the upstream never sees it (Docker Hub's ``library/`` prefix
+    can take a valid client-side name over the limit)."""
     if "/" not in repo and is_docker_hub(upstream):
-        return "library/" + repo
+        repo = "library/" + repo
+    if len(repo) > MAX_NAME_LENGTH:
+        raise NameInvalid(f"repository name longer than {MAX_NAME_LENGTH} characters upstream")
     return repo

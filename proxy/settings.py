@@ -70,6 +70,12 @@ DEFAULT_RATELIMIT_FLOOR = 10
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_COOLDOWN = 30.0
 DEFAULT_RETRIES = 2
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+DEFAULT_SEND_TIMEOUT = 60.0
+MIN_FREE_BYTES_CAP = 1 << 30
+MIN_FREE_FRACTION_CAP = 0.05
+"""Without ``cache.min_free``: keep the smaller of 1 GiB and 5 % of the filesystem free."""
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_LOG_FORMAT: Final = "text"
 DEFAULT_TOKEN_EXPIRY = 300.0
@@ -150,6 +156,29 @@ def parse_size(value: object, key: str) -> int:
     if size <= 0:
         raise ConfigError(key, "must be positive")
     return size
+
+
+def parse_free_space(value: object, key: str) -> int | float:
+    """Bytes (``2GiB``, ``0`` to disable) or a share of the filesystem (``5%``, a float)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            raise ConfigError(
+                key, f"expected a size such as 2GiB or a share such as 5%, got {value!r}"
+            ) from None
+        if not 0 <= percent < 100 or not math.isfinite(percent):
+            raise ConfigError(key, "a share must be at least 0% and under 100%")
+        return percent / 100
+    if value == 0 or value == "0":
+        return 0
+    return parse_size(value, key)
+
+
+def _show_free_space(value: int | float | None) -> object:
+    if isinstance(value, float):
+        return f"{value * 100:g}%"
+    return value
 
 
 def parse_listen(value: object, key: str) -> tuple[str, int]:
@@ -376,6 +405,7 @@ def _show_upstreams(upstreams: tuple[UpstreamSettings, ...]) -> list[dict[str, A
 
 Duration = Annotated[float, Parse(parse_duration)]
 Size = Annotated[int, Parse(parse_size)]
+FreeSpace = Annotated[int | float, Parse(parse_free_space), Show(_show_free_space)]
 Address = Annotated[tuple[str, int], Parse(parse_listen), Show(_show_address)]
 Directory = Annotated[Path, Parse(parse_directory), Show(str)]
 UpstreamUrl = Annotated[str, Parse(parse_upstream_url)]
@@ -640,6 +670,49 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_size: Annotated[
         Size | None,
         Key(path="cache.max_size", help="evict beyond this size (20GiB)", metavar="SIZE"),
+    ] = None
+    min_free: Annotated[
+        FreeSpace | None,
+        Key(
+            path="cache.min_free",
+            help="free space below which nothing new is cached (a size, or a share such "
+            "as 5 percent; default: the smaller of 1GiB and 5 percent)",
+            metavar="SIZE",
+        ),
+    ] = None
+    # The client side of the listener (nginx's client_header_timeout, keepalive_timeout,
+    # send_timeout); see proxy.api.connections.
+    header_timeout: Annotated[
+        Duration,
+        Key(
+            path="server.header_timeout",
+            help="time a client has to send a complete request header",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: Annotated[
+        Duration,
+        Key(
+            path="server.keepalive_timeout",
+            help="how long an idle keep-alive connection stays open",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_KEEPALIVE_TIMEOUT
+    send_timeout: Annotated[
+        Duration,
+        Key(
+            path="server.send_timeout",
+            help="how long a client may accept no response bytes before it is dropped",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_SEND_TIMEOUT
+    max_connections: Annotated[
+        PositiveInt | None,
+        Key(
+            path="server.max_connections",
+            help="bound of open client connections (default: from the open-files limit)",
+            metavar="N",
+        ),
     ] = None
     auth: Annotated[AuthSettings, _section(AuthSettings), _SectionShow, Key(overridable=False)] = (
         AuthSettings()

@@ -9,6 +9,7 @@ spec's grammar, routed to an upstream, and handed to the pull-through services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -198,10 +199,12 @@ async def blob(
 async def _stream_fetch(
     request: web.Request, opened: FetchingBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Follow a fetch in progress. On failure, abort the connection: never a clean 200.
+    """Follow a fetch in progress. On failure, abort the connection: never a clean 200,
+    and never anything but more of the same body after the headers.
 
     With a known length the bytes go out with ``loop.sendfile`` straight from the temp
-    file (no copies through Python, no buffers); without one, chunked through ``write``.
+    file (no copies through Python, no buffers), and the bytes a pass-through fetch holds
+    in memory with ``write``; without a length, chunked through ``write``.
     """
     fetch = opened.fetch
     response = web.StreamResponse(headers=headers)
@@ -212,13 +215,20 @@ async def _stream_fetch(
     try:
         if fetch.size is not None and request.transport is not None:
             loop = asyncio.get_running_loop()
-            async for file, offset, length in fetch.spans():
-                await loop.sendfile(request.transport, file, offset, length)
-                _served(request, source, length)
+            async with contextlib.aclosing(fetch.spans()) as spans:
+                async for span in spans:
+                    if isinstance(span, memoryview):
+                        await response.write(span)
+                        _served(request, source, len(span))
+                        continue
+                    file, offset, length = span
+                    await loop.sendfile(request.transport, file, offset, length)
+                    _served(request, source, length)
         else:
-            async for chunk in fetch.read():
-                await response.write(chunk)
-                _served(request, source, len(chunk))
+            async with contextlib.aclosing(fetch.read()) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    _served(request, source, len(chunk))
     except RegistryError as exc:
         log.warning("aborting blob response: %s", exc.message, extra={"digest": str(fetch.digest)})
         _abort(request, response)
@@ -226,6 +236,11 @@ async def _stream_fetch(
     except (ConnectionError, RuntimeError):
         # The client went away (RuntimeError: sendfile on a closing transport); the
         # fetch goes on without it.
+        return response
+    except Exception:
+        # Headers are out: an error answer now would land in the middle of the body.
+        log.exception("aborting blob response", extra={"digest": str(fetch.digest)})
+        _abort(request, response)
         return response
     await response.write_eof()
     return response

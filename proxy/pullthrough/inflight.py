@@ -16,19 +16,40 @@ Protocol:
   removed, and every reader's iterator raises, so the API layer aborts connections
   that already sent headers instead of finishing a complete-looking 200.
 * A fetch is removed from the registry when it ends; a later miss starts a new one.
+
+Pass-through. When the cache cannot take the blob (the store's writer has no file: free
+space under ``cache.min_free``; or a write fails with ENOSPC, EIO, EDQUOT...), the fetch
+does not fail: it goes on streaming from the upstream response, and what the file does
+not hold is kept in memory for the readers:
+
+* The temp file stops growing at ``written``; the fetch keeps a read descriptor of it
+  (the file itself is unlinked), so a reader behind that point still reads it from disk,
+  then goes on with the chunks in memory.
+* Memory is bounded: at most ``PASSTHROUGH_WINDOW`` bytes past the slowest reader. When
+  the window is full the fetch waits for readers before it reads on from the upstream
+  (a reader that stops reading altogether is cut off by the server's send timeout).
+  Chunks no reader needs are dropped.
+* The bytes are still hashed (by the writer, which now only hashes) and the last byte
+  still waits for the digest check; nothing is committed.
+* The fetch leaves the registry at once, so a later miss starts a fetch of its own
+  instead of joining one whose first bytes may be gone from memory.
+* It is counted (``passthrough_fetches_total``), logged once, and the store's
+  ``on_space_needed`` starts an eviction pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import BinaryIO
 
 from proxy import metrics
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import CacheWriteFailed, UpstreamUnavailable
 from proxy.interfaces import (
     ArrivingBlob,
     BlobDescriptorService,
@@ -43,8 +64,11 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 20
 WRITE_BATCH = 1 << 20
 DEFAULT_FETCH_TIMEOUT = 3600.0
+PASSTHROUGH_WINDOW = 8 << 20
+"""Bytes a pass-through fetch holds in memory past its slowest reader."""
 
 BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
+Span = tuple[BinaryIO, int, int] | memoryview
 
 
 class BlobFetch(ArrivingBlob):
@@ -58,7 +82,19 @@ class BlobFetch(ArrivingBlob):
         self.origin = origin
         self.size: int | None = None
         self.written = 0
+        """Bytes in the temp file: readers may read ``[0, written)`` from it."""
+        self.end = 0
+        """Bytes received that readers may have (in the file, then in memory)."""
         self.temp_path: os.PathLike[str] | None = None
+        self.passthrough: str | None = None
+        """Why the rest is not cached (``write_error``, ``low_space``); None while it is."""
+        self._fd: int | None = None  # the fetch's read descriptor of the temp file
+        self._memory: deque[tuple[int, bytes]] = deque()  # (offset, chunk), contiguous
+        self._memory_start = 0
+        self._memory_bytes = 0
+        self._cursors: dict[int, int] = {}  # reader -> the next offset it needs
+        self._reader_ids = itertools.count()
+        self._consumed = asyncio.Event()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done: asyncio.Future[Descriptor] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
@@ -70,19 +106,78 @@ class BlobFetch(ArrivingBlob):
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
+    def _notify_consumed(self) -> None:
+        event, self._consumed = self._consumed, asyncio.Event()
+        event.set()
+
     async def wait_ready(self) -> None:
         """Wait for the upstream's headers; raises the fetch's error if it failed first."""
         await asyncio.shield(self.ready)
 
-    async def spans(self, offset: int = 0) -> AsyncIterator[tuple[BinaryIO, int, int]]:
-        """Yield (file, offset, length) of the blob's bytes as they are written, from
-        ``offset`` to the end; raises the fetch's error if it fails.
+    # --- the fetch's side ---------------------------------------------------------------
 
-        The caller sends each span (``loop.sendfile``, or reads it) before asking for the
-        next. Must be called after ``wait_ready``. The temp file is opened once: a later
-        rename (commit) or unlink (failure) does not affect an open file.
+    def attach(self, temp_path: os.PathLike[str] | None) -> None:
+        """The writer's temp file (None: pass-through from the start); opened once for
+        reading here, so readers can follow it even after it is unlinked."""
+        self.temp_path = temp_path
+        if temp_path is not None:
+            self._fd = os.open(temp_path, os.O_RDONLY)
+
+    def file_grew(self, size: int) -> None:
+        self.written += size
+        self.end = self.written
+        self._notify()
+
+    def stop_caching(self, reason: str) -> None:
+        """The file stops growing at ``written``; from now on bytes are held in memory."""
+        self.passthrough = reason
+        self._memory_start = self.end = self.written
+
+    async def hold(self, chunk: bytes) -> None:
+        """Keep ``chunk`` for the readers (pass-through); waits while the window is full.
+        Never past the announced size: what is beyond it fails the size check anyway."""
+        if self.size is not None and self.end + len(chunk) > self.size:
+            chunk = chunk[: max(self.size - self.end, 0)]
+        self._memory.append((self.end, chunk))
+        self.end += len(chunk)
+        self._memory_bytes += len(chunk)
+        self._notify()
+        self._trim()
+        while self._memory_bytes > PASSTHROUGH_WINDOW:
+            consumed = self._consumed
+            await consumed.wait()
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the chunks no reader needs, oldest first, while over the window."""
+        low = min(self._cursors.values(), default=None)
+        while self._memory and self._memory_bytes > PASSTHROUGH_WINDOW:
+            start, chunk = self._memory[0]
+            if low is not None and start + len(chunk) > low:
+                return
+            self._memory.popleft()
+            self._memory_start = start + len(chunk)
+            self._memory_bytes -= len(chunk)
+
+    def close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # --- the readers' side --------------------------------------------------------------
+
+    async def spans(self, offset: int = 0) -> AsyncGenerator[Span, None]:
+        """The blob's bytes from ``offset`` to the end as they arrive: (file, offset,
+        length) of what the temp file holds, then the bytes themselves (memoryviews) when
+        the fetch went pass-through; raises the fetch's error if it fails.
+
+        The caller sends each span (``loop.sendfile`` or ``write``) before asking for the
+        next. Must be called after ``wait_ready``. The file is opened once (a duplicate of
+        the fetch's descriptor): a later rename (commit) or unlink does not affect it.
         """
-        file = os.fdopen(self._open(), "rb", buffering=0)
+        file = self._open()
+        key = next(self._reader_ids)
+        self._cursors[key] = offset
         self.readers += 1
         metrics.INFLIGHT_READERS.inc()
         try:
@@ -92,23 +187,48 @@ class BlobFetch(ArrivingBlob):
                 # The last byte is held back until the digest is verified, so a client
                 # never receives a complete body that turns out to be wrong.
                 complete = self.verified or self.done.done()
-                available = self.written if complete else self.written - 1
+                available = self.end if complete else self.end - 1
                 if offset < available:
-                    yield file, offset, available - offset
-                    offset = available
+                    if offset < self.written:
+                        if file is None:
+                            raise UpstreamUnavailable("blob temp file is gone")
+                        length = min(available, self.written) - offset
+                        yield file, offset, length
+                    else:
+                        view = self._from_memory(offset, available)
+                        length = len(view)
+                        yield view
+                    offset += length
+                    self._cursors[key] = offset
+                    self._notify_consumed()
                     continue
                 if complete:
                     return
                 await self._progress.wait()
         finally:
+            del self._cursors[key]
+            self._notify_consumed()
             self.readers -= 1
             metrics.INFLIGHT_READERS.dec()
-            file.close()
+            if file is not None:
+                file.close()
 
-    async def read(self, offset: int = 0) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``offset`` as they are written, in chunks of at most
+    def _from_memory(self, offset: int, limit: int) -> memoryview:
+        if offset < self._memory_start:
+            raise UpstreamUnavailable("reader fell behind the pass-through window")
+        for start, chunk in self._memory:
+            if start <= offset < start + len(chunk):
+                return memoryview(chunk)[offset - start : min(len(chunk), limit - start)]
+        raise UpstreamUnavailable("blob bytes are no longer held")
+
+    async def read(self, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes from ``offset`` as they arrive, in chunks of at most
         ``READ_CHUNK``; raises if the fetch fails (see ``spans``)."""
-        async for file, start, length in self.spans(offset):
+        async for span in self.spans(offset):
+            if isinstance(span, memoryview):
+                yield bytes(span)
+                continue
+            file, start, length = span
             end = start + length
             while start < end:
                 data = await asyncio.to_thread(
@@ -119,14 +239,16 @@ class BlobFetch(ArrivingBlob):
                 start += len(data)
                 yield data
 
-    def _open(self) -> int:
-        assert self.temp_path is not None
+    def _open(self) -> BinaryIO | None:
+        """A descriptor of the blob's file: the fetch's own (duplicated) while it runs,
+        else the committed file; None when there is no file (pass-through from the
+        start)."""
+        if self._fd is not None:
+            return os.fdopen(os.dup(self._fd), "rb", buffering=0)
+        if self.written == 0 and self.passthrough is not None:
+            return None
         try:
-            return os.open(self.temp_path, os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        try:
-            return os.open(self._store.path(self.digest), os.O_RDONLY)
+            return os.fdopen(os.open(self._store.path(self.digest), os.O_RDONLY), "rb", buffering=0)
         except FileNotFoundError:
             if self.done.done():
                 self.done.result()
@@ -198,6 +320,18 @@ class InflightBlobFetches:
             fetch._notify()
         self._fetches.clear()
 
+    def _pass_through(self, fetch: BlobFetch, failure: CacheWriteFailed) -> None:
+        """The cache cannot take the rest of ``fetch``: stream it on from memory."""
+        fetch.stop_caching(failure.reason)
+        if self._fetches.get(fetch.digest) is fetch:
+            del self._fetches[fetch.digest]  # later misses start their own fetch
+        metrics.PASSTHROUGH_FETCHES.labels(failure.reason).inc()
+        log.warning(
+            "not caching blob, serving it pass-through: %s",
+            failure.message,
+            extra={"digest": str(fetch.digest), "written": fetch.written},
+        )
+
     async def _copy(self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch) -> None:
         """Upstream body into the temp file, hashed and written in a worker thread.
 
@@ -206,23 +340,47 @@ class InflightBlobFetches:
         for the write), so an idle disk sees each chunk at once and a busy one gets fewer,
         larger writes. At most one write and one batch are held in memory.
         ``fetch.written`` only counts bytes that are in the file: readers rely on it.
+
+        Pass-through (the writer has no file, or a write failed): each chunk is held for
+        the readers as it arrives, and the writer goes on hashing it. The chunks of the
+        write that failed, and those gathered since, are held first.
         """
         batch: list[bytes] = []
         batched = 0
         pending: asyncio.Future[None] | None = None
+        pending_chunks: list[bytes] = []  # those of the latest write
 
         def start_write() -> None:
-            nonlocal pending, batch, batched
+            nonlocal pending, batch, batched, pending_chunks
             size = batched
-            pending = asyncio.ensure_future(writer.write(*batch))
-            batch, batched = [], 0
+            write = pending = asyncio.ensure_future(writer.write(*batch))
+            pending_chunks, batch, batched = batch, [], 0
 
             def written(task: asyncio.Future[None]) -> None:
-                if not task.cancelled() and task.exception() is None:
-                    fetch.written += size
-                    fetch._notify()
+                if task.cancelled() or task.exception() is not None:
+                    return  # awaited by settle(), which sees the error
+                if fetch.passthrough is None:
+                    fetch.file_grew(size)
+                # What arrived meanwhile goes to disk now, not when the next chunk comes:
+                # an upstream that pauses must not hold back bytes the readers could have.
+                if batch and pending is write:
+                    start_write()
 
-            pending.add_done_callback(written)
+            write.add_done_callback(written)
+
+        async def settle() -> None:
+            nonlocal pending
+            current = pending
+            assert current is not None
+            try:
+                await current  # raises the write's error
+            except CacheWriteFailed as failure:
+                self._pass_through(fetch, failure)
+                for chunk in (*pending_chunks, *batch):
+                    await fetch.hold(chunk)
+            finally:
+                if pending is current:
+                    pending = None
 
         received = 0
         try:
@@ -232,18 +390,17 @@ class InflightBlobFetches:
                 received += len(chunk)
                 if fetch.size is not None and received > fetch.size:
                     break  # more than announced: verify's size check rejects it
+                if fetch.passthrough is not None:
+                    await fetch.hold(chunk)
                 if pending is not None and (pending.done() or batched >= WRITE_BATCH):
-                    await pending  # raises the write's error
-                    pending = None
+                    await settle()
                 if pending is None:
                     start_write()
-            if pending is not None:
-                await pending
-                pending = None
-            if batch:
-                start_write()
-                assert pending is not None
-                await pending
+            while pending is not None or batch:
+                if pending is not None:
+                    await settle()
+                else:
+                    start_write()
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
@@ -258,16 +415,25 @@ class InflightBlobFetches:
                 # The opener's context spans the commit: a source that coordinates
                 # with others (proxy.cluster) learns there whether the blob was stored.
                 async with opener() as upstream:
-                    writer = await self._store.create(fetch.digest)
                     fetch.size = upstream.size
-                    fetch.temp_path = writer.temp_path
+                    writer = await self._store.create(fetch.digest, fetch.size)
+                    fetch.attach(writer.temp_path)
+                    if writer.failure is not None:
+                        self._pass_through(fetch, writer.failure)
                     fetch.ready.set_result(None)
                     await self._copy(upstream, writer, fetch)
-                    expected = Descriptor(fetch.digest, fetch.size or fetch.written)
+                    expected = Descriptor(fetch.digest, fetch.size or fetch.end)
                     await writer.verify(expected)
                     fetch.verified = True  # readers may send the last byte now
                     fetch._notify()
-                    descriptor = await writer.commit(expected)
+                    descriptor = expected
+                    if fetch.passthrough is None:
+                        try:
+                            descriptor = await writer.commit(expected)
+                        except CacheWriteFailed as failure:
+                            # Every byte is in the file and verified: readers finish from it.
+                            self._pass_through(fetch, failure)
+                if fetch.passthrough is None:
                     await self._descriptors.set_descriptor(fetch.digest, descriptor)
             fetch.done.set_result(descriptor)
         except BaseException as exc:
@@ -286,8 +452,10 @@ class InflightBlobFetches:
             for fut in (fetch.ready, fetch.done):
                 if fut.done() and not fut.cancelled():
                     fut.exception()
-            self._fetches.pop(fetch.digest, None)
+            if self._fetches.get(fetch.digest) is fetch:
+                del self._fetches[fetch.digest]
             metrics.INFLIGHT_FETCHES.dec()
             fetch._notify()
+            fetch.close_file()
             if writer is not None:
                 await writer.cancel()  # readers hold open descriptors; unlinking is safe

@@ -131,7 +131,7 @@ class PullThroughRegistry:
     def __init__(self, settings: Settings, *, middleware: Sequence[BlobMiddleware] = ()) -> None:
         self.settings = settings
         self.middleware = tuple(middleware)
-        self.store = DiskBlobStore(settings.cache_dir)
+        self.store = DiskBlobStore(settings.cache_dir, min_free=settings.min_free)
         self.redis = RedisLayer(connect(settings.redis_url)) if settings.redis_url else None
         entries = settings.memory_entries
         self.descriptors = build_shared_descriptors(self.store, entries, self.redis)
@@ -164,10 +164,11 @@ class PullThroughRegistry:
             self.tag_revalidations = ClusterTagRevalidations(self.cluster, self.tags)
             self.manifest_bodies = RedisManifestBodies(self.redis)
         self.blob_sources: dict[str, BlobSource] = {}
-        self.evictor: Evictor | None = None
-        if settings.max_size is not None:
-            self.evictor = Evictor(self.store, settings.max_size, self._evicted)
-            self.store.on_commit = self.evictor.maybe_start
+        # Always there: a failed or refused write (low space) starts a pass too.
+        self.evictor: Evictor | None = Evictor(self.store, settings.max_size, self._evicted)
+        self.store.on_commit = self.evictor.maybe_start
+        self.store.on_space_needed = lambda: self._space_needed()
+
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
         self.draining = False
@@ -227,6 +228,10 @@ class PullThroughRegistry:
         if self.cluster is not None:
             await self.cluster.forget(digest)
 
+    def _space_needed(self) -> None:
+        if self.evictor is not None:
+            self.evictor.maybe_start(low_space=True)
+
     def drain(self) -> None:
         """Shutting down: unready, and no new fetch leases (others fetch instead)."""
         self.draining = True
@@ -236,10 +241,18 @@ class PullThroughRegistry:
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready means the cache can be served: its directory is writable, and the
         process is not shutting down. Upstream and Redis states are reported; neither
-        makes the proxy unready, since it serves its cache without them."""
+        makes the proxy unready, since it serves its cache without them. Nor does low
+        space: misses are then served pass-through."""
         writable = await asyncio.to_thread(self.store.writable)
+        free, min_free = await asyncio.to_thread(self.store.space)
         report: dict[str, object] = {
-            "cache": {"dir": str(self.settings.cache_dir), "writable": writable},
+            "cache": {
+                "dir": str(self.settings.cache_dir),
+                "writable": writable,
+                "free_bytes": max(free, 0),
+                "min_free_bytes": min_free,
+                "low_space": free < min_free,
+            },
             "draining": self.draining,
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }

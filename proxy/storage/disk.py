@@ -10,6 +10,13 @@ size it was asked for, fsynced and renamed into ``blobs/``: a file under its fin
 is always complete, and a crash leaves at worst a ``.part`` file that the next start
 removes. Blocking file calls run in the default executor, except ``stat`` of a committed
 blob (and its occasional ``utime``), metadata calls that cost less than the thread hop.
+
+Free space. No new write starts when the filesystem's free space, less what writes in
+progress are still to write, would fall under ``min_free`` (``cache.min_free``): such a
+writer has no file and only hashes. A write that fails (ENOSPC, EIO, EDQUOT...) drops
+its temp file, raises ``CacheWriteFailed`` once and then only hashes too, so the caller
+can still verify what it streams to its clients; either writer refuses to commit. Each
+failure calls ``on_space_needed`` (eviction hooks in there as well).
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from proxy import metrics
-from proxy.errors import BlobUnknown, DigestMismatch, TooLarge, UpstreamUnavailable
+from proxy.errors import (
+    BlobUnknown,
+    CacheWriteFailed,
+    DigestMismatch,
+    TooLarge,
+    UpstreamUnavailable,
+)
 from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter
 from proxy.model import Descriptor, Digest
 
@@ -37,16 +50,25 @@ TMP_DIR = "tmp"
 PART_SUFFIX = ".part"
 TOUCH_INTERVAL = 60.0
 """Seconds between two refreshes of a blob's mtime (its "last used" for eviction)."""
+MIN_FREE_CAP_BYTES = 1 << 30
+MIN_FREE_CAP_SHARE = 0.05
+"""Without ``min_free``: keep the smaller of 1 GiB and 5 % of the filesystem free."""
 
 
 class DiskBlobStore(BlobStore):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, min_free: int | float | None = None) -> None:
         self.root = root
         self._blobs = root / BLOBS_DIR
         self._tmp = root / TMP_DIR
         self.used_bytes = 0
+        self.min_free = min_free
+        """Bytes, a share of the filesystem (a float), or None for the default."""
+        self._writers: set[DiskBlobWriter] = set()
+        self._writers_lock = threading.Lock()  # added on the loop, summed in threads
         self.on_commit: Callable[[], None] | None = None
         """Called on the event loop after each commit (eviction hooks in here)."""
+        self.on_space_needed: Callable[[], None] | None = None
+        """Called on the event loop when a write failed or could not start for space."""
 
     def open_store(self) -> None:
         """Create the directories, remove temp files a previous run left behind, and count
@@ -96,6 +118,35 @@ class DiskBlobStore(BlobStore):
         os.unlink(name)
         return True
 
+    def space(self) -> tuple[int, int]:
+        """(free bytes for new writes, the ``min_free`` threshold in bytes) of the cache's
+        filesystem: free space less what writes in progress are still to write. Blocking
+        (one statvfs); updates the disk-space metrics."""
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        if self.min_free is None:
+            threshold = min(MIN_FREE_CAP_BYTES, int(total * MIN_FREE_CAP_SHARE))
+        elif isinstance(self.min_free, float):
+            threshold = int(total * self.min_free)
+        else:
+            threshold = self.min_free
+        free = st.f_bavail * st.f_frsize
+        with self._writers_lock:
+            free -= sum(w.remaining for w in self._writers)
+        metrics.DISK_FREE_BYTES.set(max(free, 0))
+        metrics.DISK_MIN_FREE_BYTES.set(threshold)
+        metrics.DISK_LOW_SPACE.set(1 if free < threshold else 0)
+        return free, threshold
+
+    def low_on_space(self) -> bool:
+        """Whether free space is under ``min_free`` (no new write starts). Blocking."""
+        free, threshold = self.space()
+        return free < threshold
+
+    def _space_needed(self) -> None:
+        if self.on_space_needed is not None:
+            self.on_space_needed()
+
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
 
@@ -129,11 +180,40 @@ class DiskBlobStore(BlobStore):
             raise TooLarge(f"blob {digest} is larger than {limit} bytes")
         return data
 
-    async def create(self, digest: Digest) -> BlobWriter:
+    async def create(self, digest: Digest, size: int | None = None) -> BlobWriter:
+        """A writer for ``digest`` (``size`` bytes when known); one without a file (it only
+        hashes, ``failure`` says why) when the space is short or the file cannot be made."""
         name = f"{digest.hex}.{secrets.token_hex(4)}{PART_SUFFIX}"
         temp = self._tmp / name
-        fd = await asyncio.to_thread(os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        return DiskBlobWriter(self, digest, temp, fd)
+
+        def _create() -> int | CacheWriteFailed:
+            free, threshold = self.space()
+            if free - (size or 0) < threshold:
+                return CacheWriteFailed(
+                    f"{max(free, 0)} bytes free, {threshold} kept free (cache.min_free)",
+                    reason="low_space",
+                )
+            try:
+                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                return CacheWriteFailed(
+                    f"cannot create a temp file: {exc.strerror}",
+                    reason="write_error",
+                    errno=exc.errno,
+                )
+
+        created = await asyncio.to_thread(_create)
+        if isinstance(created, CacheWriteFailed):
+            self._space_needed()
+            return DiskBlobWriter(self, digest, None, None, failure=created)
+        writer = DiskBlobWriter(self, digest, temp, created, size=size)
+        with self._writers_lock:
+            self._writers.add(writer)
+        return writer
+
+    def _writer_done(self, writer: DiskBlobWriter) -> None:
+        with self._writers_lock:
+            self._writers.discard(writer)
 
     async def delete(self, digest: Digest) -> None:
         def _delete() -> int:
@@ -154,7 +234,8 @@ class DiskBlobStore(BlobStore):
         metrics.DISK_BLOBS.inc(count)
 
     async def put(self, digest: Digest, data: bytes) -> Descriptor:
-        """Store a small blob held in memory (a manifest) with the same verify-then-rename."""
+        """Store a small blob held in memory (a manifest) with the same verify-then-rename;
+        raises ``CacheWriteFailed`` when the cache cannot take it."""
         writer = await self.create(digest)
         try:
             await writer.write(data)
@@ -164,49 +245,91 @@ class DiskBlobStore(BlobStore):
 
 
 class DiskBlobWriter(BlobWriter):
-    """Writes one blob: hashing and writing run together in a worker thread."""
+    """Writes one blob: hashing and writing run together in a worker thread.
 
-    def __init__(self, store: DiskBlobStore, digest: Digest, temp: Path, fd: int) -> None:
+    Without a file (``temp`` None: never started, or dropped after a failed write) it only
+    hashes; ``failure`` says why, and ``commit`` raises it.
+    """
+
+    def __init__(
+        self,
+        store: DiskBlobStore,
+        digest: Digest,
+        temp: Path | None,
+        fd: int | None,
+        *,
+        size: int | None = None,
+        failure: CacheWriteFailed | None = None,
+    ) -> None:
         self._store = store
         self._digest = digest
         self._temp = temp
         self._fd: int | None = fd
         self._hasher = digest.hasher()
         self._written = 0
+        self._size = size
         self._committed = False
+        self._cancelled = False
+        self.failure = failure
         # commit and cancel run in worker threads; a task cancelled during commit runs
         # cancel concurrently: the lock keeps them from closing the descriptor twice.
         self._lock = threading.Lock()
 
     @property
-    def temp_path(self) -> Path:
-        return self._temp
+    def temp_path(self) -> Path | None:
+        return None if self.failure is not None else self._temp
 
     @property
     def written(self) -> int:
         return self._written
 
-    def _write_sync(self, chunks: tuple[bytes, ...]) -> None:
-        with self._lock:
-            self._write_locked(chunks)
+    @property
+    def remaining(self) -> int:
+        """Bytes still to be written of the announced size (what free space must hold)."""
+        if self._size is None or self._fd is None:
+            return 0
+        return max(self._size - self._written, 0)
 
-    def _write_locked(self, chunks: tuple[bytes, ...]) -> None:
-        if self._fd is None:
+    def _write_sync(self, chunks: tuple[bytes, ...]) -> CacheWriteFailed | None:
+        with self._lock:
+            return self._write_locked(chunks)
+
+    def _write_locked(self, chunks: tuple[bytes, ...]) -> CacheWriteFailed | None:
+        if self._cancelled:
             raise UpstreamUnavailable("blob ingest was cancelled")
         for chunk in chunks:
             self._hasher.update(chunk)
+        if self.failure is not None:
+            return None  # no file: hashing only
+        assert self._fd is not None
         pending = [memoryview(c) for c in chunks if c]
-        while pending:
-            n = os.writev(self._fd, pending)
-            while pending and n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            if pending and n:
-                pending[0] = pending[0][n:]
+        try:
+            while pending:
+                n = os.writev(self._fd, pending)
+                while pending and n >= len(pending[0]):
+                    n -= len(pending[0])
+                    pending.pop(0)
+                if pending and n:
+                    pending[0] = pending[0][n:]
+        except OSError as exc:
+            self.failure = CacheWriteFailed(
+                f"writing the cache failed: {exc.strerror}", reason="write_error", errno=exc.errno
+            )
+            self._drop_file_locked()
+            return self.failure
+        return None
 
     async def write(self, *chunks: bytes) -> None:
-        await asyncio.to_thread(self._write_sync, chunks)
-        self._written += sum(len(c) for c in chunks)
+        """Append and hash ``chunks``; raises ``CacheWriteFailed`` once, when the write
+        fails (the temp file is dropped); later calls only hash."""
+        try:
+            failed = await asyncio.to_thread(self._write_sync, chunks)
+        finally:
+            self._written += sum(len(c) for c in chunks)
+        if failed is not None:
+            self._store._writer_done(self)
+            self._store._space_needed()
+            raise failed
 
     def _check(self, expected: Descriptor) -> None:
         """Raise DigestMismatch (and drop the temp file) unless digest and size match."""
@@ -224,7 +347,7 @@ class DiskBlobWriter(BlobWriter):
 
     def _verify_sync(self, expected: Descriptor) -> None:
         with self._lock:
-            if self._fd is None:
+            if self._cancelled:
                 raise UpstreamUnavailable("blob ingest was cancelled")
             self._check(expected)
 
@@ -237,21 +360,39 @@ class DiskBlobWriter(BlobWriter):
 
     def _commit_locked(self, expected: Descriptor) -> tuple[Descriptor, bool]:
         """Returns the descriptor and whether the file is new (not a replacement)."""
-        if self._fd is None:
+        if self._cancelled:
             raise UpstreamUnavailable("blob ingest was cancelled")
-        self._check(expected)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        final = self._store.path(expected.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        replaced = final.exists()
-        os.rename(self._temp, final)
+        self._check(expected)  # wrong bytes are refused before anything else is said
+        if self.failure is not None:
+            raise self.failure
+        assert self._fd is not None and self._temp is not None
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            final = self._store.path(expected.digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            replaced = final.exists()
+            os.rename(self._temp, final)
+        except OSError as exc:
+            self.failure = CacheWriteFailed(
+                f"committing to the cache failed: {exc.strerror}",
+                reason="write_error",
+                errno=exc.errno,
+            )
+            self._drop_file_locked()
+            raise self.failure from None
         self._committed = True
         return Descriptor(expected.digest, self._written, expected.media_type), not replaced
 
     async def commit(self, expected: Descriptor) -> Descriptor:
-        descriptor, new = await asyncio.to_thread(self._commit_sync, expected)
+        try:
+            descriptor, new = await asyncio.to_thread(self._commit_sync, expected)
+        except CacheWriteFailed:
+            self._store._space_needed()
+            raise
+        finally:
+            self._store._writer_done(self)
         if new:
             self._store._added(descriptor.size)
         if self._store.on_commit is not None:
@@ -263,14 +404,20 @@ class DiskBlobWriter(BlobWriter):
             self._cancel_locked()
 
     def _cancel_locked(self) -> None:
+        self._cancelled = True
+        self._drop_file_locked()
+
+    def _drop_file_locked(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             self._fd = None
-        if not self._committed:
+        if not self._committed and self._temp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temp)
 
     async def cancel(self) -> None:
+        self._store._writer_done(self)
         # Shielded: cleanup must finish even when the task that owns it is cancelled.
         await asyncio.shield(asyncio.to_thread(self._cancel_sync))
 

@@ -8,14 +8,17 @@ holds whole manifests, bounded by total bytes, so a warm GET by digest costs no 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
 from proxy import metrics
-from proxy.errors import BlobUnknown
+from proxy.errors import BlobUnknown, CacheWriteFailed
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, sniff_media_type
 from proxy.storage.disk import DiskBlobStore
+
+log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 << 20
 DEFAULT_MEMORY_BYTES = 64 << 20
@@ -56,8 +59,15 @@ class ManifestStore:
         return manifest
 
     async def put(self, digest: Digest, media_type: str, body: bytes) -> StoredManifest:
-        """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs."""
-        await self._store.put(digest, body)
+        """Verify and store ``body`` under ``digest``; raises DigestMismatch when it differs.
+        When the disk cannot take it, it is kept in memory only (and served from there)."""
+        try:
+            await self._store.put(digest, body)
+        except CacheWriteFailed as failure:
+            metrics.PASSTHROUGH_FETCHES.labels(failure.reason).inc()
+            log.warning(
+                "manifest kept in memory only: %s", failure.message, extra={"digest": str(digest)}
+            )
         manifest = StoredManifest(digest, media_type, body)
         self._memory[digest] = manifest
         return manifest

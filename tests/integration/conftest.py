@@ -19,6 +19,8 @@ the rig in ``tests/rig``. Test modules ask for these by name and never import th
 - ``proxy_factory``: ``await proxy_factory(upstream_url, tag_ttl="5m")`` -> ProxyUnderTest.
 - ``redis_proxy_factory``: ``await redis_proxy_factory(upstream_url, redis_url, ...)``.
 - ``proxy``: the proxy under test pointed at ``passthrough`` with the default tag TTL.
+- ``tmpfs``: a 64 MiB tmpfs mounted for the test (root only: skipped elsewhere, failed
+  when CI=true).
 
 A missing binary skips the test, or fails it when CI=true.
 """
@@ -49,6 +51,7 @@ from tests.rig.recording import PassThrough
 from tests.rig.redis_server import REDIS_BINARY, RedisServer
 from tests.rig.registry import REGISTRY_BINARY, Registry
 from tests.rig.skopeo import SKOPEO_BINARY, Skopeo
+from tests.rig.tmpfs import mounted_tmpfs, tmpfs_unavailable
 from tests.rig.upstreams import LyingUpstream
 from tests.rig.world import World, running_world
 
@@ -174,6 +177,22 @@ def skopeo(tmp_path: Path) -> Skopeo:
     return Skopeo(tmp_path / "skopeo", binary=binary_or_skip(SKOPEO_BINARY))
 
 
+TMPFS_MIB = 64
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A ``TMPFS_MIB`` MiB tmpfs, mounted for the test and unmounted after it. Ask for
+    it before the proxy fixtures, so the proxies are stopped before it is unmounted."""
+    reason = tmpfs_unavailable()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} (CI=true: the tmpfs tests must run)")
+        pytest.skip(reason)
+    with mounted_tmpfs(tmp_path / "tmpfs", TMPFS_MIB) as path:
+        yield path
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(
@@ -184,16 +203,24 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    """``await proxy_factory(upstream_url, tag_ttl=..., cache_dir=..., **upstream)``: each
+    """``await proxy_factory(upstream_url, tag_ttl=..., cache_dir=..., sections=...,
+    **upstream)`` (``sections``: top-level keys, e.g. ``{"server": {...}}``): each
     call is a new instance (its own cache directory unless given); all are stopped at
     teardown."""
     started = StartedProxies()
 
     async def factory(
-        upstream_url: str, *, tag_ttl: str = "5m", cache_dir: Path | None = None, **upstream: Any
+        upstream_url: str,
+        *,
+        tag_ttl: str = "5m",
+        cache_dir: Path | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        **upstream: Any,
     ) -> ProxyUnderTest:
         cache = cache_dir or tmp_path / f"cache{len(started) or ''}"
-        return await started.add(start_proxy(upstream_url, cache, tag_ttl=tag_ttl, **upstream))
+        return await started.add(
+            start_proxy(upstream_url, cache, tag_ttl=tag_ttl, sections=sections, **upstream)
+        )
 
     try:
         yield factory

@@ -157,7 +157,7 @@ async def test_sigkill_of_the_owner_mid_blob_the_followers_get_the_whole_blob(
     )
     layer = image.layers[0]
     held_after = layer.size // 3
-    hold = fault_proxy.hold_blob(held_after)
+    hold = fault_proxy.pause_blob(held_after)
     replicas = Replicas(
         tmp_path / "replicas", 3, upstream_url=fault_proxy.url, redis_url=redis_server.url
     )
@@ -190,7 +190,7 @@ async def test_sigkill_of_the_owner_mid_blob_the_followers_get_the_whole_blob(
             owner.kill()
             bodies = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         finally:
-            fault_proxy.release()
+            hold.resume()
             first.cancel()
             with contextlib.suppress(BaseException):
                 await first
@@ -511,7 +511,7 @@ async def test_sigterm_refuses_new_connections_and_finishes_the_responses_in_fli
 ) -> None:
     [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
     layer = image.layers[0]
-    hold = fault_proxy.hold_blob(layer.size // 2)
+    hold = fault_proxy.pause_blob(layer.size // 2)
     replicas = Replicas(
         tmp_path / "replicas", 1, upstream_url=fault_proxy.url, redis_url=redis_server.url
     )
@@ -534,7 +534,7 @@ async def test_sigterm_refuses_new_connections_and_finishes_the_responses_in_fli
             )
             assert replica.running, "exited with a response in flight"
         finally:
-            fault_proxy.release()
+            hold.resume()
         body = await asyncio.wait_for(task, 30)
         assert sha256(body) == layer.digest
         assert await asyncio.to_thread(replica.wait_exit, 30) == 0
@@ -629,7 +629,7 @@ async def test_a_peer_copy_is_served_for_another_repository_only_if_the_upstream
 ) -> None:
     [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
     layer = image.layers[0]
-    hold = fault_proxy.hold_blob(layer.size // 2)
+    hold = fault_proxy.pause_blob(layer.size // 2)
     replicas = Replicas(
         tmp_path / "replicas", 3, upstream_url=fault_proxy.url, redis_url=redis_server.url
     )
@@ -647,7 +647,7 @@ async def test_a_peer_copy_is_served_for_another_repository_only_if_the_upstream
             status, body = await status_of(follower.url, "cluster/elsewhere")
             assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
         finally:
-            fault_proxy.release()
+            hold.resume()
         status, body = await first
         assert status == 200 and sha256(body) == layer.digest
         await async_wait_until(
@@ -681,7 +681,7 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
     more, from its own offset; the bytes are right either way."""
     [image] = await push_images(http, registry, tmp_path / "images", 1, layers=1)
     layer = image.layers[0]
-    hold = fault_proxy.hold_blob(layer.size // 2)
+    hold = fault_proxy.pause_blob(layer.size // 2)
     replicas = Replicas(
         tmp_path / "replicas",
         3,
@@ -711,7 +711,7 @@ async def test_a_hung_owner_is_taken_over_once_its_lease_lapses(
             bodies = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         finally:
             owner.resume()
-            fault_proxy.release()
+            hold.resume()
             first.cancel()
             with contextlib.suppress(BaseException):
                 await first

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.rig.distribution import RawResponse, raw_request
-from tests.rig.proxy_app import ProxyUnderTest
+from tests.rig.distribution import RawResponse, push_image, raw_request
+from tests.rig.faults import FaultProxy
+from tests.rig.proxy_app import ProxyFactory, ProxyUnderTest
 from tests.rig.recording import PassThrough
 from tests.rig.registry import Registry
 
@@ -150,3 +152,42 @@ async def test_base_endpoint_and_unknown_manifest(
     assert base.headers.get("docker-distribution-api-version") == "registry/2.0"
     missing = await raw_request(proxy.host, "GET", "/v2/no/such/manifests/latest")
     assert_error(missing, {404}, {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"})
+
+
+async def test_requests_the_upstream_chokes_on_do_not_mark_it_down(
+    tmp_path: Path,
+    registry: Registry,
+    fault_proxy: FaultProxy,
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The adversarial run: docker-registry answered 500 for ``/v2/<250 x a>/manifests/tN``
+    (the fault proxy answers so here); five of them opened the upstream breaker and a valid
+    cold manifest got 503. Only failures that say the upstream is unwell count now."""
+    long_name = "a" * 250
+    fault_proxy.fail(500, match=lambda e: e.path.startswith(f"/v2/{long_name}/"))
+    proxy = await proxy_factory(fault_proxy.url, failure_threshold=5)
+    async with aiohttp.ClientSession() as http:
+        image = await push_image(http, registry.url, tmp_path / "image", "team/app", "v1")
+    for n in range(8):
+        choked = await raw_request(proxy.host, "GET", f"/v2/{long_name}/manifests/t{n}")
+        assert choked.status == 502, (choked.status, choked.body)
+    assert len(fault_proxy.log.manifest_requests()) >= 8, "each one reached the upstream"
+    valid = await raw_request(
+        proxy.host,
+        "GET",
+        "/v2/team/app/manifests/v1",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert valid.status == 200, (valid.status, valid.body)
+    assert valid.body == image.manifest_bytes
+
+
+async def test_a_name_too_long_for_the_upstream_is_refused_locally(
+    fault_proxy: FaultProxy, proxy_factory: ProxyFactory
+) -> None:
+    """Docker Hub normalises ``<250 x a>`` to ``library/<250 x a>``: 258 characters, more
+    than any registry accepts; NAME_INVALID without asking the upstream."""
+    proxy = await proxy_factory(fault_proxy.url, aliases=["docker.io"])
+    response = await raw_request(proxy.host, "GET", f"/v2/{'a' * 250}/manifests/latest")
+    assert_error(response, {400}, {"NAME_INVALID"})
+    assert fault_proxy.log.exchanges == []

@@ -13,6 +13,8 @@ recorded in ``log``) that can be told to misbehave the way real upstreams do:
 - ``cut_blob(after, ...)``: for the next blob GET (without ``Range``, unless ``ranged``),
   send the headers with the full ``Content-Length``, then ``after`` bytes, then close (or
   abort) the connection.
+- ``pause_blob(after, ...)``: for the next blob GET, send ``after`` bytes of the body,
+  then hold the rest until ``resume()`` (``reached`` is set when the pause begins).
 - ``strip_range = True``: drop ``Range`` before forwarding, so the registry answers 200
   with the whole body (an upstream without range support).
 - ``ratelimit_remaining = N``: add Docker Hub's ``ratelimit-limit: 100;w=21600`` and
@@ -33,7 +35,6 @@ from aiohttp import web
 from .recording import (
     HOP_BY_HOP,
     BodyCut,
-    BodyHold,
     Exchange,
     PassThrough,
     drop_connection,
@@ -116,6 +117,24 @@ class Cut:
 
 
 @dataclass
+class Pause:
+    """A blob body held after ``after`` bytes until :meth:`resume`."""
+
+    after: int
+    match: Match
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    taken: bool = False
+
+    async def hold(self) -> None:
+        self.reached.set()
+        await self.released.wait()
+
+    def resume(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class Stall:
     match: Match
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -134,13 +153,15 @@ class FaultProxy(PassThrough):
         self._refusing = False
         self._failures: list[Failure] = []
         self._cuts: list[Cut] = []
+        self._pauses: list[Pause] = []
         self._stall: Stall | None = None
-        self._holds: list[tuple[Cut, BodyHold]] = []
 
     # Life cycle ----------------------------------------------------------------------
 
     async def stop(self) -> None:
         self.release()
+        for pause in self._pauses:
+            pause.resume()
         await super().stop()
 
     async def refuse(self) -> None:
@@ -189,12 +210,11 @@ class FaultProxy(PassThrough):
         self._cuts.append(cut)
         return cut
 
-    def hold_blob(self, after: int, *, match: Match | None = None) -> BodyHold:
-        """Pause the body of the next matching response (no ``Range``) after ``after``
-        bytes, until the returned hold is released; ``hold.reached`` is set then."""
-        hold = BodyHold()
-        self._holds.append((Cut(after, match or blobs("GET"), 1, False, False), hold))
-        return hold
+    def pause_blob(self, after: int, *, match: Match | None = None) -> Pause:
+        """Hold the body of the next matching blob GET after ``after`` bytes."""
+        pause = Pause(after, match or blobs("GET"))
+        self._pauses.append(pause)
+        return pause
 
     def stall(self, match: Match = anything) -> Stall:
         self.release()
@@ -202,8 +222,6 @@ class FaultProxy(PassThrough):
         return self._stall
 
     def release(self) -> None:
-        for _, hold in self._holds:
-            hold.released.set()
         stall, self._stall = self._stall, None
         if stall is not None:
             stall.released.set()
@@ -213,13 +231,15 @@ class FaultProxy(PassThrough):
 
     def clear_faults(self) -> None:
         self.release()
+        for pause in self._pauses:
+            pause.resume()
         self.reset = False
         self.strip_range = False
         self.ratelimit_remaining = None
         self.dropped_tags.clear()
         self._failures.clear()
         self._cuts.clear()
-        self._holds.clear()
+        self._pauses.clear()
 
     # Handling ------------------------------------------------------------------------
 
@@ -240,9 +260,10 @@ class FaultProxy(PassThrough):
                 return oci_error(exchange, 404, "MANIFEST_UNKNOWN", "fault")
         cut = next((c for c in self._cuts if c.take(exchange)), None)
         body_cut = BodyCut(cut.after, cut.abort) if cut is not None else None
-        for pause, hold in self._holds:
-            if body_cut is None and pause.take(exchange):
-                body_cut = BodyCut(pause.after, hold=hold)
+        pause = next((p for p in self._pauses if not p.taken and p.match(exchange)), None)
+        if pause is not None and body_cut is None:
+            pause.taken = True
+            body_cut = BodyCut(pause.after, pause=pause.hold)
         return await self.forward(
             request,
             exchange,

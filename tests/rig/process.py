@@ -148,6 +148,8 @@ class ChildProcess:
         self.log_path = workdir / (log_name or f"{self.name}.log")
         self.process: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
+        self.preexec: Callable[[], None] | None = None
+        """Run in the child before it executes (resource limits)."""
 
     def __enter__(self) -> Self:
         self.start()
@@ -181,6 +183,7 @@ class ChildProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env={**os.environ, **self.env} if self.env else None,
+                preexec_fn=self.preexec,
             )
 
     def start(self, timeout: float | None = None) -> None:

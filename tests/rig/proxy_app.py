@@ -52,10 +52,16 @@ class ProxyUnderTest:
 
 
 def proxy_settings_mapping(
-    upstream_url: str, cache_dir: Path, *, tag_ttl: str = "5m", **upstream: Any
+    upstream_url: str,
+    cache_dir: Path,
+    *,
+    tag_ttl: str = "5m",
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+    **upstream: Any,
 ) -> dict[str, Any]:
-    """Settings for one default upstream ``up``; ``upstream`` adds keys to its entry."""
-    return {
+    """Settings for one default upstream ``up``; ``upstream`` adds keys to its entry and
+    ``sections`` keys to top-level sections (``{"server": {"header_timeout": "1s"}}``)."""
+    mapping: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "log_level": "warning",
         "cache": {"dir": str(cache_dir)},
@@ -63,6 +69,9 @@ def proxy_settings_mapping(
             {"name": "up", "url": upstream_url, "default": True, "tag_ttl": tag_ttl, **upstream}
         ],
     }
+    for section, keys in (sections or {}).items():
+        mapping[section] = {**mapping.get(section, {}), **keys}
+    return mapping
 
 
 async def serve_proxy(
@@ -73,10 +82,11 @@ async def serve_proxy(
     port: int = 0,
 ) -> ProxyUnderTest:
     """Serve ``create_app`` for a settings mapping on a free port (or ``port``, for a
-    proxy that must know its address beforehand, as ``cluster.advertise`` does).
-    ``environ`` is what ``password_env`` reads (never the test process's environment when
-    given); ``prepare`` may adjust the app before it starts."""
-    from proxy.app import create_app
+    proxy that must know its address beforehand, as ``cluster.advertise`` does), with the
+    runner ``proxy.app.run`` uses (the connection guard in front). ``environ`` is what
+    ``password_env`` reads (never the test process's environment when given);
+    ``prepare`` may adjust the app before it starts."""
+    from proxy.app import create_app, create_runner
     from proxy.settings import Settings
 
     if environ is None:
@@ -86,17 +96,28 @@ async def serve_proxy(
     app = create_app(settings)
     if prepare is not None:
         prepare(app)
-    server = LoopbackServer(app, port=port)
+    server = LoopbackServer(
+        app,
+        port=port,
+        runner=lambda app: create_runner(app, settings, handle_signals=False, access_log=None),
+    )
     await server.start()
     return ProxyUnderTest(server=server, cache_dir=Path(mapping["cache"]["dir"]), settings=settings)
 
 
 async def start_proxy(
-    upstream_url: str, cache_dir: Path, *, tag_ttl: str = "5m", **upstream: Any
+    upstream_url: str,
+    cache_dir: Path,
+    *,
+    tag_ttl: str = "5m",
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+    **upstream: Any,
 ) -> ProxyUnderTest:
     """Build settings for one default upstream and serve ``create_app`` on a free port."""
     return await serve_proxy(
-        proxy_settings_mapping(upstream_url, cache_dir, tag_ttl=tag_ttl, **upstream)
+        proxy_settings_mapping(
+            upstream_url, cache_dir, tag_ttl=tag_ttl, sections=sections, **upstream
+        )
     )
 
 

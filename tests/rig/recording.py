@@ -17,8 +17,7 @@ Nothing here sleeps to synchronise.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -51,18 +50,29 @@ CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type"
 
 class LoopbackServer(LoopbackAddress):
     """An aiohttp application served in the running loop on 127.0.0.1 (port 0 by default,
-    or a fixed port so a stopped server can come back where clients expect it)."""
+    or a fixed port so a stopped server can come back where clients expect it).
+    ``runner`` builds the runner (default: ``web.AppRunner`` without an access log)."""
 
-    def __init__(self, app: web.Application, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        port: int = 0,
+        runner: Callable[[web.Application], web.AppRunner] | None = None,
+    ) -> None:
         self.app = app
         self.port = port
+        self._make_runner = runner
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        if self._make_runner is not None:
+            runner = self._make_runner(self.app)
+        else:
+            runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await runner.setup()
         self._runner = runner
         try:
@@ -294,20 +304,11 @@ def cut_connection(request: web.Request, exchange: Exchange, *, abort: bool) -> 
 @dataclass(frozen=True)
 class BodyCut:
     """Where to end a relayed body: after ``after`` bytes, closing or aborting; or, with
-    ``hold``, where to pause it until the hold is released."""
+    ``pause``, where to await it before relaying the rest."""
 
     after: int
     abort: bool = False
-    hold: BodyHold | None = None
-
-
-@dataclass
-class BodyHold:
-    """A relayed body paused after some bytes: ``reached`` is set when it pauses, and it
-    goes on when ``released`` is set."""
-
-    reached: asyncio.Event = field(default_factory=asyncio.Event)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    pause: Callable[[], Awaitable[None]] | None = None
 
 
 class PassThrough(RecordingServer):
@@ -393,10 +394,9 @@ class PassThrough(RecordingServer):
                             await response.write(head)
                             exchange.bytes_sent += len(head)
                             assert cut is not None
-                            if cut.hold is None:
+                            if cut.pause is None:
                                 return cut_connection(request, exchange, abort=cut.abort)
-                            cut.hold.reached.set()
-                            await cut.hold.released.wait()
+                            await cut.pause()
                             limit, chunk = None, chunk[len(head) :]
                         await response.write(chunk)
                         exchange.bytes_sent += len(chunk)

@@ -109,3 +109,25 @@ def test_is_docker_hub() -> None:
     assert is_docker_hub(UpstreamSettings(name="hub", url="https://index.docker.io"))
     assert not is_docker_hub(GHCR)
     assert not is_docker_hub(LOCAL)
+
+
+@pytest.mark.parametrize(
+    ("ns", "name"),
+    [
+        ("docker.io", "a" * 250),  # library/ + 250 characters: 258 upstream
+        (None, "a" * 250),
+        (None, "dockerhub/" + "a" * 250),
+    ],
+)
+def test_a_name_the_upstream_would_refuse_for_its_length_is_invalid_locally(
+    router: Router, ns: str | None, name: str
+) -> None:
+    with pytest.raises(NameInvalid):
+        router.route(name, ns)
+
+
+def test_a_name_of_the_longest_length_is_routed(router: Router) -> None:
+    name = "team/" + "a" * 250
+    assert router.route(name, None).repo == name
+    prefixed = "team/" + "a" * 245  # the prefix counts client-side, not upstream
+    assert router.route("ghcr/" + prefixed, None).repo == prefixed

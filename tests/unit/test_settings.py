@@ -583,6 +583,11 @@ TOP_LEVEL = {
     "redis_url": ("cache.redis", "redis", "redis://h:6379/1", "redis://h:6379/1"),
     "memory_entries": ("cache.memory_entries", "memory_entries", "123", 123),
     "max_size": ("cache.max_size", "max_size", "2KiB", 2048),
+    "min_free": ("cache.min_free", "min_free", "5%", 0.05),
+    "header_timeout": ("server.header_timeout", "header_timeout", "5s", 5.0),
+    "keepalive_timeout": ("server.keepalive_timeout", "keepalive_timeout", "2m", 120.0),
+    "send_timeout": ("server.send_timeout", "send_timeout", "90s", 90.0),
+    "max_connections": ("server.max_connections", "max_connections", "700", 700),
     "shutdown_grace": ("shutdown_grace", "shutdown_grace", "10s", 10.0),
     "cluster_advertise": (
         "cluster.advertise",
@@ -646,16 +651,35 @@ def test_the_spec_covers_every_declared_key() -> None:
     assert {option.name for option in OPTIONS} == options
 
 
-def test_every_variable_of_before_still_exists_and_memory_entries_is_new() -> None:
+def test_every_variable_of_before_still_exists_and_the_new_ones_are_named() -> None:
     names = {option.env for option in OPTIONS}
     before = {"LISTEN", "METRICS_LISTEN", "UPSTREAM", "CACHE_DIR", "MAX_SIZE", "REDIS"}
     before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
-    new = {"MEMORY_ENTRIES", "SHUTDOWN_GRACE"}
-    new |= {"CLUSTER_ADVERTISE", "CLUSTER_SECRET_FILE", "CLUSTER_LEASE_TTL"}
+    new = {"MEMORY_ENTRIES", "MIN_FREE", "HEADER_TIMEOUT", "KEEPALIVE_TIMEOUT", "SEND_TIMEOUT"}
+    new |= {"MAX_CONNECTIONS"}
+    new |= {"SHUTDOWN_GRACE", "CLUSTER_ADVERTISE", "CLUSTER_SECRET_FILE", "CLUSTER_LEASE_TTL"}
     assert names == {ENV_PREFIX + name for name in before | new}
     assert {option.flag for option in OPTIONS} == {
         "--" + name.lower().replace("_", "-") for name in before | new
     }
+
+
+@pytest.mark.parametrize(
+    ("written", "value", "shown"),
+    [("5%", 0.05, "5%"), ("2GiB", 2 << 30, 2 << 30), (0, 0, 0), ("0.5%", 0.005, "0.5%")],
+)
+def test_min_free_is_a_size_or_a_share(written: object, value: float, shown: object) -> None:
+    settings = Settings.from_mapping({"cache": {"min_free": written}}, environ={})
+    assert settings.min_free == value
+    assert settings.to_dict()["cache"]["min_free"] == shown
+    assert Settings.from_mapping(settings.to_dict(), environ={}) == settings
+
+
+@pytest.mark.parametrize("written", ["100%", "-1%", "x%", "lots", -5])
+def test_a_bad_min_free_names_its_key(written: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"cache": {"min_free": written}}, environ={})
+    assert info.value.key == "cache.min_free"
 
 
 @pytest.mark.parametrize("field", sorted(TOP_LEVEL))

@@ -7,19 +7,25 @@ so every interleaving below is forced by the test, never by timing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import errno
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import cast
 
 import pytest
+from prometheus_client import REGISTRY
+from typing_extensions import Buffer
 
 from proxy.cache.memory import MemoryDescriptorCache
 from proxy.errors import BlobUnknown, DigestMismatch, UpstreamUnavailable
 from proxy.interfaces import BlobDescriptorService, UpstreamBlob
 from proxy.model import Descriptor, Digest
+from proxy.pullthrough import inflight
 from proxy.pullthrough.inflight import BlobFetch, InflightBlobFetches
 from proxy.storage.disk import TMP_DIR, DiskBlobStore
+from tests.rig.process import async_wait_until
 
 CHUNKS = [b"a" * 1000, b"b" * 1000, b"c" * 1000, b"d" * 7]
 DATA = b"".join(CHUNKS)
@@ -469,6 +475,191 @@ async def test_read_from_an_offset(fetches: InflightBlobFetches) -> None:
     await fetch.wait_ready()
     opener.body.feed(*CHUNKS, END)
     assert b"".join([c async for c in fetch.read(1500)]) == DATA[1500:]
+
+
+# --- pass-through: the cache cannot take the blob ------------------------------------------
+
+BIG_CHUNKS = [bytes([65 + i]) * 1000 for i in range(12)]
+BIG_DATA = b"".join(BIG_CHUNKS)
+BIG_DIGEST = Digest.of(BIG_DATA)
+
+
+class FullDisk:
+    """``os.writev`` of a filesystem that fills up after ``budget`` bytes: the write that
+    crosses it writes what fits, the next one fails with ``error``."""
+
+    def __init__(self, budget: int, error: int = errno.ENOSPC) -> None:
+        self.budget = budget
+        self.error = error
+        self.written = 0
+        self.failures = 0
+        self._writev = os.writev
+
+    def writev(self, fd: int, buffers: Sequence[Buffer]) -> int:
+        data = b"".join(bytes(b) for b in buffers)
+        room = self.budget - self.written
+        if room <= 0:
+            self.failures += 1
+            raise OSError(self.error, os.strerror(self.error))
+        n = self._writev(fd, [data[:room]])
+        self.written += n
+        return n
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], FullDisk]:
+    def install(budget: int, error: int = errno.ENOSPC) -> FullDisk:
+        disk = FullDisk(budget, error)
+        monkeypatch.setattr(os, "writev", disk.writev)
+        return disk
+
+    return install
+
+
+def passthrough_count(reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "registry_proxy_passthrough_fetches_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+async def test_a_failed_cache_write_streams_the_rest_to_every_reader(
+    fetches: InflightBlobFetches,
+    store: DiskBlobStore,
+    descriptors: MemoryDescriptorCache,
+    full_disk: Callable[[int, int], FullDisk],
+    error: int,
+) -> None:
+    disk = full_disk(2500, error)
+    before = passthrough_count("write_error")
+    opener = FakeOpener(FakeBody(len(BIG_DATA)))
+    fetch, _ = fetches.join(BIG_DIGEST, opener)
+    await fetch.wait_ready()
+    readers = [asyncio.create_task(read_all(fetch)) for _ in range(3)]
+    opener.body.feed(*BIG_CHUNKS, END)
+
+    results = await asyncio.gather(*readers)
+
+    assert results == [BIG_DATA] * 3
+    assert disk.failures == 1, "the writer stops writing after the first failure"
+    assert fetch.passthrough == "write_error"
+    assert await fetch.done == Descriptor(BIG_DIGEST, len(BIG_DATA))
+    await settled(fetches)
+    assert not store.path(BIG_DIGEST).exists()
+    assert temp_files(store) == []
+    with pytest.raises(BlobUnknown):
+        await descriptors.stat(BIG_DIGEST)
+    assert passthrough_count("write_error") == before + 1
+
+
+async def test_a_reader_behind_the_failure_reads_the_file_then_memory(
+    fetches: InflightBlobFetches,
+    store: DiskBlobStore,
+    full_disk: Callable[[int, int], FullDisk],
+) -> None:
+    full_disk(1500)
+    opener = FakeOpener(FakeBody(len(BIG_DATA)))
+    fetch, _ = fetches.join(BIG_DIGEST, opener)
+    await fetch.wait_ready()
+    fed = 0
+    # A write fails while the next chunk arrives: feed one at a time until it has.
+    while fetch.passthrough is None:
+        assert fed < len(BIG_CHUNKS) - 1, "no write failed"
+        opener.body.feed(BIG_CHUNKS[fed])
+        fed += 1
+        await async_wait_until(opener.body.queue.empty, within=5, what="the chunk taken")
+        await async_wait_until(
+            lambda: fetch.passthrough is not None or fetch.written == fetch.end,
+            within=5,
+            what="the write to settle",
+        )
+    assert 0 < fetch.written < fetch.end
+    assert temp_files(store) == [], "the temp file is unlinked at the failure"
+    late = asyncio.create_task(read_all(fetch))  # from offset 0: file, then memory
+    opener.body.feed(*BIG_CHUNKS[fed:], END)
+    assert await late == BIG_DATA
+    assert fetches.get(BIG_DIGEST) is None, "a pass-through fetch takes no new joiners"
+
+
+async def test_under_min_free_no_cache_write_starts(
+    tmp_path: Path, descriptors: MemoryDescriptorCache
+) -> None:
+    store = DiskBlobStore(tmp_path / "full", min_free=1 << 60)
+    store.open_store()
+    fetches = InflightBlobFetches(store, descriptors)
+    before = passthrough_count("low_space")
+    try:
+        opener = FakeOpener(FakeBody(len(BIG_DATA)))
+        fetch, _ = fetches.join(BIG_DIGEST, opener)
+        await fetch.wait_ready()
+        assert fetch.temp_path is None and fetch.passthrough == "low_space"
+        assert temp_files(store) == []
+        reader = asyncio.create_task(read_all(fetch))
+        opener.body.feed(*BIG_CHUNKS, END)
+        assert await reader == BIG_DATA
+        await settled(fetches)
+        assert not store.path(BIG_DIGEST).exists()
+        assert passthrough_count("low_space") == before + 1
+    finally:
+        await fetches.close()
+
+
+async def test_pass_through_memory_is_bounded_by_the_slowest_reader(
+    tmp_path: Path, descriptors: MemoryDescriptorCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 2500
+    monkeypatch.setattr(inflight, "PASSTHROUGH_WINDOW", window)
+    store = DiskBlobStore(tmp_path / "full", min_free=1 << 60)
+    store.open_store()
+    fetches = InflightBlobFetches(store, descriptors)
+    try:
+        opener = FakeOpener(FakeBody(len(BIG_DATA)))
+        fetch, _ = fetches.join(BIG_DIGEST, opener)
+        await fetch.wait_ready()
+        slow = follow(fetch)
+        taking = asyncio.create_task(anext(slow))
+        await async_wait_until(lambda: fetch.readers == 1, within=5, what="the slow reader")
+        opener.body.feed(*BIG_CHUNKS, END)
+        first = await taking  # the slow reader takes one chunk, then stops
+        fast = asyncio.create_task(read_all(fetch))
+        await async_wait_until(
+            lambda: fetch._memory_bytes > window, within=5, what="the window to fill"
+        )
+        assert not fast.done(), "the fast reader waits with the slow one"
+        assert fetch._memory_bytes <= window + len(BIG_CHUNKS[0])
+        assert not opener.body.queue.empty(), "the fetch stopped reading from upstream"
+        rest = [chunk async for chunk in slow]
+        assert first + b"".join(rest) == BIG_DATA
+        assert await fast == BIG_DATA
+    finally:
+        await fetches.close()
+
+
+async def test_wrong_bytes_in_pass_through_never_reach_a_reader_whole(
+    tmp_path: Path, descriptors: MemoryDescriptorCache
+) -> None:
+    store = DiskBlobStore(tmp_path / "full", min_free=1 << 60)
+    store.open_store()
+    fetches = InflightBlobFetches(store, descriptors)
+    try:
+        wrong = [b"x" * 1000 for _ in BIG_CHUNKS]
+        opener = FakeOpener(FakeBody(len(BIG_DATA)))
+        fetch, _ = fetches.join(BIG_DIGEST, opener)
+        await fetch.wait_ready()
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            async for chunk in fetch.read():
+                received.append(chunk)
+
+        task = asyncio.create_task(reader())
+        opener.body.feed(*wrong, END)
+        with pytest.raises(DigestMismatch):
+            await task
+        assert len(b"".join(received)) == len(BIG_DATA) - 1
+    finally:
+        await fetches.close()
 
 
 class CommitWitness(FakeOpener):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 
-from proxy.errors import BlobUnknown, DigestMismatch, TooLarge
+from proxy.errors import BlobUnknown, CacheWriteFailed, DigestMismatch, TooLarge
 from proxy.model import Descriptor, Digest
 from proxy.storage.disk import BLOBS_DIR, PART_SUFFIX, TMP_DIR, DiskBlobStore, DiskDescriptorService
 
@@ -203,3 +205,76 @@ async def test_on_commit_hook_runs_after_each_commit(store: DiskBlobStore) -> No
     with pytest.raises(DigestMismatch):
         await store.put(DIGEST, b"wrong")
     assert commits == [len(DATA)]
+
+
+# --- a full disk -----------------------------------------------------------------------
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch, error: int = errno.ENOSPC) -> list[int]:
+    """Every ``os.writev`` fails with ``error``; returns the list of attempts."""
+    attempts: list[int] = []
+
+    def writev(fd: int, buffers: object) -> int:
+        attempts.append(fd)
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "writev", writev)
+    return attempts
+
+
+async def test_a_failed_write_drops_the_temp_file_and_keeps_hashing(
+    store: DiskBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = b"layer bytes" * 100
+    digest = Digest.of(data)
+    writer = await store.create(digest, len(data))
+    assert writer.temp_path is not None and len(temp_files(store)) == 1
+    attempts = fail_writes(monkeypatch, errno.EIO)
+    needed: list[bool] = []
+    store.on_space_needed = lambda: needed.append(True)
+
+    with pytest.raises(CacheWriteFailed) as info:
+        await writer.write(data[:500])
+    assert info.value.reason == "write_error" and info.value.errno == errno.EIO
+    assert writer.temp_path is None and temp_files(store) == []
+    assert needed == [True]
+    await writer.write(data[500:])  # hashing only, no second attempt on the disk
+    assert len(attempts) == 1
+    await writer.verify(Descriptor(digest, len(data)))
+    with pytest.raises(CacheWriteFailed):
+        await writer.commit(Descriptor(digest, len(data)))
+    assert not store.path(digest).exists()
+    await writer.cancel()
+
+
+async def test_a_writer_without_a_file_still_refuses_wrong_bytes(tmp_path: Path) -> None:
+    store = DiskBlobStore(tmp_path, min_free=1 << 60)
+    store.open_store()
+    writer = await store.create(Digest.of(b"right"), 5)
+    assert writer.failure is not None and writer.failure.reason == "low_space"
+    await writer.write(b"wrong")
+    with pytest.raises(DigestMismatch):
+        await writer.commit(Descriptor(Digest.of(b"right"), 5))
+
+
+@pytest.mark.parametrize(("min_free", "low"), [(0, False), (0.9999, True), (1 << 60, True)])
+def test_min_free_as_bytes_or_share(tmp_path: Path, min_free: int | float, low: bool) -> None:
+    store = DiskBlobStore(tmp_path, min_free=min_free)
+    store.open_store()
+    free, threshold = store.space()
+    assert free >= 0 and threshold >= 0
+    assert store.low_on_space() is low
+
+
+async def test_space_counts_what_writes_in_progress_still_need(tmp_path: Path) -> None:
+    store = DiskBlobStore(tmp_path, min_free=0)
+    store.open_store()
+    free_before, _ = store.space()
+    writer = await store.create(Digest.of(b"x"), 1 << 40)  # a terabyte announced
+    assert writer.failure is not None, "more than the disk holds: not started"
+    half = free_before // 2
+    started = await store.create(Digest.of(b"y"), half)
+    assert started.failure is None
+    free_after, _ = store.space()
+    assert free_after <= free_before - half + (1 << 20)
+    await started.cancel()

@@ -332,3 +332,15 @@ async def test_a_manifest_bigger_than_the_memory_is_still_stored_and_served(
 
     got = await store.get(digest)
     assert got is not None and got.body == body
+
+
+async def test_a_manifest_the_disk_cannot_take_is_kept_in_memory(tmp_path: Path) -> None:
+    disk = DiskBlobStore(tmp_path, min_free=1 << 60)
+    disk.open_store()
+    store = ManifestStore(disk)
+    body = manifest_body("kept in memory")
+    digest = Digest.of(body)
+    stored = await store.put(digest, MEDIA_TYPE_OCI_MANIFEST, body)
+    assert stored.body == body
+    assert not disk.path(digest).exists()
+    assert (await store.get(digest)) == stored
