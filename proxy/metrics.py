@@ -162,7 +162,7 @@ ACCESS_CHECKS = Counter(
 )
 LIMIT_REJECTIONS = Counter(
     PREFIX + "limit_rejections_total",
-    "Requests refused with 429 by limit (requests|cold_fetches|cold_bytes|logins) and "
+    "Requests refused with 429 by limit (requests|cold_fetches|cold_bytes|logins|probes) and "
     "identity (a local user's name, else anonymous or passthrough)",
     ["limit", "identity"],
 )

@@ -82,6 +82,7 @@ DEFAULT_TOKEN_EXPIRY = 300.0
 DEFAULT_TOKEN_SERVICE = "registry-proxy"
 DEFAULT_DECISION_TTL = 300.0
 DEFAULT_VISIBILITY_TTL = 3600.0
+DEFAULT_PROBE_RATE = 120  # per minute
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_SHUTDOWN_GRACE = 25.0
 ENV_PREFIX = "REGISTRY_PROXY_"
@@ -499,6 +500,9 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: Networks = ()
     decision_ttl: Duration = DEFAULT_DECISION_TTL
     visibility_ttl: Duration = DEFAULT_VISIBILITY_TTL
+    probe_rate: CountRate = Rate(DEFAULT_PROBE_RATE, 60.0)
+    """Upstream access checks (visibility, pass-through, logins) one client address may
+    cause; remembered answers cost none."""
 
 
 class AccessRule(msgspec.Struct, frozen=True, kw_only=True):

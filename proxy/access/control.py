@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ from proxy.access.identity import (
     is_trusted,
     parse_authorization,
 )
-from proxy.access.limits import Limits, Usage
+from proxy.access.limits import Bucket, Limits, Usage
 from proxy.access.rules import Rules
 from proxy.access.tokens import TokenService
 from proxy.access.verdicts import Verdicts
@@ -83,6 +85,9 @@ DENY_NO_RULE = Decision(False, "no_rule")
 DENY_NOT_GRANTED = Decision(False, "not_granted")
 DENY_PRIVATE = Decision(False, "private")
 DENY_PASSTHROUGH = Decision(False, "passthrough_refused")
+DENY_UNKNOWN = Decision(False, "unknown")
+"""The upstream's answer proved nothing (a 404 for the repository): refused, and the
+refusal says nothing of visibility."""
 
 
 class AccessControl:
@@ -110,6 +115,10 @@ class AccessControl:
         )
         self.tokens: TokenService | None = None
         self._headers: Bounded[str, tuple[Identity, float, int]] = Bounded(MAX_HEADERS)
+        # Keys the pass-through fingerprints; replaced by one derived from the token key
+        # at open, so replicas sharing that key share verdicts through Redis.
+        self._secret = os.urandom(32)
+        self._probes = Bucket("probes", auth.probe_rate, None)
         self._token_settings = auth.token
         self._cache_dir = settings.cache_dir
         self._realm = auth.token.realm
@@ -134,6 +143,7 @@ class AccessControl:
             self.tokens = TokenService.from_settings(
                 token.key, self._cache_dir, service=token.service, expiry=token.expiry
             )
+            self._secret = self.tokens.derived_secret(b"registry-proxy pass-through fingerprints")
 
     async def close(self) -> None:
         await self.usage.close()
@@ -211,13 +221,14 @@ class AccessControl:
             assert presented.token is not None and self.tokens is not None
             claims = self.tokens.verify(presented.token)
             name = claims.subject if claims.kind == "user" else None
+            if name is not None and (self.htpasswd is None or name not in self.htpasswd):
+                raise Unauthorized("the token's user is no longer a user here")
             groups = self.rules.groups_of(name) if name else frozenset()
             identity = Identity(
                 claims.kind,
                 address,
                 name,
                 groups,
-                fingerprint=claims.fingerprint,
                 grants=claims.grants,
             )
             return identity, claims.expires - time.time()
@@ -239,9 +250,8 @@ class AccessControl:
             name = credential.username
             return Identity("user", address, name, self.rules.groups_of(name))
         if self._passthrough:
-            return Identity(
-                "passthrough", address, credential=credential, fingerprint=credential.fingerprint
-            )
+            fingerprint = credential.fingerprint(self._secret)
+            return Identity("passthrough", address, credential=credential, fingerprint=fingerprint)
         raise Unauthorized("invalid username or password")
 
     def is_admin(self, identity: Identity) -> bool:
@@ -266,20 +276,40 @@ class AccessControl:
             return DENY_NO_RULE
         if user is not None and grant.names(user, identity.groups):
             return ALLOW_USER
-        if grant.anonymous and await self._public(upstream, repo, reference):
-            return ALLOW_PUBLIC
+        public: bool | None = False
+        if grant.anonymous:
+            public = await self._public(identity, upstream, repo, reference)
+            if public:
+                return ALLOW_PUBLIC
         if grant.passthrough and identity.kind == "passthrough" and upstream.passthrough_enabled:
             if await self._passes(identity, upstream, repo, reference):
                 return ALLOW_PASSTHROUGH
             return DENY_PASSTHROUGH
-        return DENY_PRIVATE if grant.anonymous else DENY_NOT_GRANTED
+        if not grant.anonymous:
+            return DENY_NOT_GRANTED
+        return DENY_UNKNOWN if public is None else DENY_PRIVATE
 
-    async def _public(self, upstream: UpstreamSettings, repo: str, reference: str | None) -> bool:
+    async def _spend_probe(self, identity: Identity) -> None:
+        """An upstream probe this client causes: at most ``auth.probe_rate`` per address
+        (remembered answers are free), so no client can make the proxy hammer an upstream
+        with made-up credentials or names."""
+        verdict = await self._probes.take(f"ip:{identity.address}")
+        if not verdict.allowed:
+            metrics.LIMIT_REJECTIONS.labels("probes", identity.label).inc()
+            raise TooManyRequests(
+                "too many access checks from this address", headers=verdict.headers()
+            )
+
+    async def _public(
+        self, identity: Identity, upstream: UpstreamSettings, repo: str, reference: str | None
+    ) -> bool | None:
         visibility = upstream.effective_visibility
         if visibility != "auto":
             return visibility == "public"
         client = self._clients(upstream.name)
         key = f"{upstream.name}:{repo}"
+        if not self._visibility.fresh(key):
+            await self._spend_probe(identity)
         return await self._visibility.get(
             key, lambda: client.check_access(repo, reference, None, None)
         )
@@ -291,19 +321,27 @@ class AccessControl:
         if credential is None:
             return False  # a pass-through token is decided by its grants
         client = self._clients(upstream.name)
-        key = f"{credential.fingerprint}:{upstream.name}:{repo}"
-        return await self._passthrough_verdicts.get(
+        key = f"{identity.fingerprint}:{upstream.name}:{repo}"
+        if not self._passthrough_verdicts.fresh(key):
+            await self._spend_probe(identity)
+        accepted = await self._passthrough_verdicts.get(
             key,
             lambda: client.check_access(repo, reference, credential.username, credential.password),
         )
+        return bool(accepted)
 
-    async def login_accepted(self, credential: Credential) -> bool:
-        """Whether any pass-through upstream accepts ``credential`` at all (a login with
-        no scope, as ``podman login`` does)."""
+    async def login_accepted(self, identity: Identity) -> bool:
+        """Whether any pass-through upstream accepts the identity's credential at all (a
+        login with no scope, as ``podman login`` does)."""
+        credential = identity.credential
+        if credential is None:
+            return False
         for up in self._upstreams.values():
             if not up.passthrough_enabled:
                 continue
-            key = f"{credential.fingerprint}:{up.name}"
+            key = f"{identity.fingerprint}:{up.name}"
+            if not self._logins.fresh(key):
+                await self._spend_probe(identity)
             accepted = await self._logins.get(key, self._login_probe(up.name, credential))
             if accepted:
                 return True
@@ -348,8 +386,10 @@ class AccessControl:
             extra={"upstream": upstream.name, "repo": repo, "reason": decision.reason},
         )
         scope = f"repository:{client_name}:pull"
-        stale_token = identity.kind == "passthrough" and identity.credential is None
-        if not identity.authenticated or decision is DENY_PASSTHROUGH or stale_token:
+        # A pass-through credential is only as good as the upstream says: refused, it is
+        # not an authenticated client (and saying 403 would tell which rules list
+        # pass-through). Only a local user's refusal is 403.
+        if identity.kind != "user":
             error = "insufficient_scope" if identity.grants is not None else None
             raise Unauthorized(
                 "authentication required",
@@ -362,7 +402,8 @@ class AccessControl:
         )
 
     def challenge(self, request: web.Request, scope: str | None, error: str | None) -> str:
-        realm = self._realm or f"{self._scheme(request)}://{request.host}/token"
+        host = request.host if _HOST.fullmatch(request.host) else "localhost"
+        realm = self._realm or f"{self._scheme(request)}://{host}/token"
         ns = request.query.get("ns")
         if ns:
             realm += ("&" if "?" in realm else "?") + "ns=" + _quote(ns)
@@ -419,7 +460,7 @@ class AccessControl:
         if identity.kind == "passthrough" and not grants:
             assert credential is not None
             # Pass-through credentials the upstream refuses are wrong credentials here.
-            if refused_passthrough or not await self.login_accepted(credential):
+            if refused_passthrough or not await self.login_accepted(identity):
                 audit.warning(
                     "token refused: %s: the upstream does not accept the credentials",
                     identity.display,
@@ -432,7 +473,6 @@ class AccessControl:
             subject=subject,
             access=access,
             grants=grants,
-            fingerprint=identity.fingerprint,
         )
         metrics.TOKENS_ISSUED.labels(identity.kind).inc()
         return {"token": token, "access_token": token, "expires_in": lifetime}
@@ -483,6 +523,10 @@ class AccessControlledBlobs(RepositoryBlobs):
         return await self._inner.open(digest)
 
 
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+"""What a Host header may be to be put in the challenge's realm (a quote or comma
+would let a client rewrite the challenge)."""
+
 _COUNTERS: dict[Decision, Any] = {}
 
 
@@ -506,7 +550,14 @@ def _precreate_series(engaged: bool, limits: LimitSettings) -> None:
         return
     for reason in ("public", "user", "token", "passthrough"):
         metrics.ACCESS_DECISIONS.labels("allow", reason)
-    for reason in ("no_rule", "not_granted", "private", "passthrough_refused", "bad_credentials"):
+    for reason in (
+        "no_rule",
+        "not_granted",
+        "private",
+        "unknown",
+        "passthrough_refused",
+        "bad_credentials",
+    ):
         metrics.ACCESS_DECISIONS.labels("deny", reason)
     for kind in ("visibility", "passthrough", "login"):
         for result in ("cached", "granted", "refused"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,11 +38,11 @@ class Credential:
     username: str
     password: str = field(repr=False)
 
-    @property
-    def fingerprint(self) -> str:
-        """A stable, non-reversible name for the credential (cache keys, limits)."""
-        digest = hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()
-        return digest[:32]
+    def fingerprint(self, secret: bytes) -> str:
+        """A stable, non-reversible name for the credential (verdict cache keys), keyed
+        with the proxy's secret so a Redis dump or a log holds nothing crackable."""
+        data = f"{self.username}\0{self.password}".encode()
+        return hmac.new(secret, data, hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +53,18 @@ class Identity:
     groups: frozenset[str] = frozenset()
     credential: Credential | None = None
     fingerprint: str | None = None
-    """A passthrough credential's hash (from the credential, or the token issued for it)."""
+    """A pass-through credential's keyed hash (verdict cache keys)."""
     grants: frozenset[tuple[str, str]] | None = None
     """From a token: the (upstream, repository) pairs it may pull; None without one."""
 
     @property
     def key(self) -> str:
-        """What limits and usage are counted by: the user, the credential, else the address."""
+        """What limits and usage are counted by: a local user, else the client address.
+
+        Pass-through credentials count by address too: anyone can make up a credential,
+        so one per request must not buy a fresh rate or quota each time."""
         if self.kind == "user":
             return f"user:{self.name}"
-        if self.kind == "passthrough" and self.fingerprint is not None:
-            return f"passthrough:{self.fingerprint[:16]}"
         return f"ip:{self.address}"
 
     @property

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 100_000
 FLUSH_INTERVAL = 5.0
 USAGE_TTL = 7 * 86400
+MAX_INDEXED = 10_000
 SLACK = 0.001
 COUNTERS = ("requests", "cache_bytes", "upstream_bytes", "cold_fetches", "denials", "limited")
 Mode = Literal["take", "check", "charge"]
@@ -232,6 +233,9 @@ class Usage:
                     pipe.hset(name, mapping={"label": labels.get(key, ""), "last_seen": now})
                     pipe.expire(name, USAGE_TTL)
                     pipe.zincrby(index, counts.get("requests", 0), key)
+                # Only the busiest MAX_INDEXED identities stay ranked: the index cannot
+                # grow without bound however many addresses come and go.
+                pipe.zremrangebyrank(index, 0, -(MAX_INDEXED + 1))
                 pipe.expire(index, USAGE_TTL)
                 await pipe.execute()
 

@@ -16,6 +16,8 @@ a known token costs a dictionary look-up.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import tempfile
@@ -72,6 +74,16 @@ class TokenService:
         cls, key_path: Path | None, cache_dir: Path, *, service: str, expiry: float
     ) -> TokenService:
         return cls(load_or_generate_key(key_path, cache_dir), service=service, expiry=expiry)
+
+    def derived_secret(self, purpose: bytes) -> bytes:
+        """A secret derived from the signing key (so replicas sharing the key share it),
+        for ``purpose``; never the key itself."""
+        der = self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return hmac.new(der, purpose, hashlib.sha256).digest()
 
     def issue(
         self,

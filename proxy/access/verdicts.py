@@ -24,6 +24,9 @@ from proxy.errors import TooManyRequests, UpstreamError
 log = logging.getLogger(__name__)
 
 MAX_VERDICTS = 100_000
+UNKNOWN_TTL = 30.0
+"""How long an answer that proved nothing (a 404) is remembered: long enough that
+repeated requests for something missing do not each cost upstream probes."""
 
 
 class Verdicts:
@@ -39,14 +42,19 @@ class Verdicts:
         self._ttl = ttl
         self._redis = redis
         self._clock = clock
-        self._fresh: Bounded[str, tuple[bool, float]] = Bounded(MAX_VERDICTS)
+        self._fresh: Bounded[str, tuple[bool | None, float]] = Bounded(MAX_VERDICTS)
         self._last: Bounded[str, bool] = Bounded(MAX_VERDICTS)
         self._pending: dict[str, asyncio.Task[bool | None]] = {}
         self._writes: set[asyncio.Task[object]] = set()  # strong references until done
 
-    async def get(self, key: str, probe: Callable[[], Awaitable[bool | None]]) -> bool:
-        """The remembered answer for ``key``, else ``probe()``'s (None = proves nothing,
-        not remembered, refused)."""
+    def fresh(self, key: str) -> bool:
+        """Whether an answer for ``key`` is remembered here (asking costs no probe)."""
+        known = self._fresh.get(key)
+        return known is not None and known[1] > self._clock()
+
+    async def get(self, key: str, probe: Callable[[], Awaitable[bool | None]]) -> bool | None:
+        """The remembered answer for ``key``, else ``probe()``'s. None: the upstream's
+        answer proved nothing (remembered for ``UNKNOWN_TTL``); callers refuse on it."""
         known = self._fresh.get(key)
         if known is not None and known[1] > self._clock():
             metrics.ACCESS_CHECKS.labels(self._kind, "cached").inc()
@@ -61,8 +69,7 @@ class Verdicts:
             task = asyncio.get_running_loop().create_task(self._probe(key, probe))
             self._pending[key] = task
             task.add_done_callback(lambda _t: self._pending.pop(key, None))
-        result = await asyncio.shield(task)
-        return bool(result)
+        return await asyncio.shield(task)
 
     async def _probe(self, key: str, probe: Callable[[], Awaitable[bool | None]]) -> bool | None:
         try:
@@ -79,6 +86,7 @@ class Verdicts:
             return bool(last)
         if result is None:
             metrics.ACCESS_CHECKS.labels(self._kind, "unknown").inc()
+            self._fresh[key] = (None, self._clock() + min(self._ttl, UNKNOWN_TTL))
             return None
         metrics.ACCESS_CHECKS.labels(self._kind, "granted" if result else "refused").inc()
         self._remember(key, result, share=True)

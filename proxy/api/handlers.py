@@ -71,7 +71,7 @@ async def base(request: web.Request) -> web.Response:
         await _admit(request, control, identity)
         accepted = identity.authenticated
         if identity.kind == "passthrough" and identity.credential is not None:
-            accepted = await control.login_accepted(identity.credential)
+            accepted = await control.login_accepted(identity)
         if not accepted:
             raise Unauthorized(
                 "authentication required",
@@ -172,21 +172,25 @@ async def blob(
         "Content-Type": MEDIA_TYPE_OCTET_STREAM,
         "Accept-Ranges": "bytes",
     }
-    request[ETAG_KEY] = f'"{digest}"'
+    etag = f'"{digest}"'
     control = request.app[ACCESS_KEY]
     if _not_modified(request, digest):
         # Nothing is looked up for a 304, but it is still an answer about the blob.
         await control.authorize(request, route.upstream, route.repo, client_name, None)
+        request[ETAG_KEY] = etag
         return web.Response(status=304, headers=headers)
     access = control.blob_layer(request, route.upstream, route.repo, client_name)
     blobs = request.app[REGISTRY_KEY].blobs(
         route.upstream, route.repo, middleware=(access,), gate=gate
     )
+    # The ETag only once the chain has answered: never on a denial or a 404.
     if request.method == "HEAD":
         descriptor = await blobs.stat(digest)
+        request[ETAG_KEY] = etag
         headers["Content-Length"] = str(descriptor.size)
         return web.Response(headers=headers)
     opened = await blobs.open(digest)
+    request[ETAG_KEY] = etag
     request[OUTCOME_KEY] = opened.outcome
     if isinstance(opened, LocalBlob):
         _served(request, opened.outcome.source, opened.descriptor.size)

@@ -20,6 +20,10 @@ class Coalescer(Generic[T]):
         self._kind = kind
         self._pending: dict[Hashable, asyncio.Task[T]] = {}
 
+    def running(self, key: Hashable) -> bool:
+        """Whether a call for ``key`` is in flight (a caller now would join it)."""
+        return key in self._pending
+
     async def run(self, key: Hashable, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
         task = self._pending.get(key)
         if task is None:

@@ -121,10 +121,12 @@ class ProxyManifestService:
             raise NotAcceptable(
                 f"manifest {digest} is {local.media_type}, which the Accept header refuses"
             )
-        await self._admit(gate)
         key = ("digest", repo, str(digest))
+        joined = self._coalescer.running(key)
+        if not joined:  # joining a fetch in flight costs the upstream nothing
+            await self._admit(gate)
         manifest = await self._coalescer.run(key, lambda: self._fetch_digest(repo, digest, accept))
-        return ManifestResult(manifest, Outcome.MISS)
+        return ManifestResult(manifest, Outcome.COALESCED if joined else Outcome.MISS)
 
     async def _get_by_tag(
         self, repo: str, tag: str, accept: str | None, gate: ColdFetchGate | None
@@ -142,10 +144,12 @@ class ProxyManifestService:
                 # Another replica resolved the tag (shared Redis) but this disk lacks the
                 # manifest: fetch what the tag points to by digest, so the replicas agree.
                 return await self._get_by_digest(repo, entry.digest, accept, gate)
-        await self._admit(gate)
         key = ("tag", repo, tag, _accept_key(accept))
+        joined = self._coalescer.running(key)
+        if not joined:
+            await self._admit(gate)
         manifest = await self._coalescer.run(key, lambda: self._fetch_tag(repo, tag, accept))
-        return ManifestResult(manifest, Outcome.MISS)
+        return ManifestResult(manifest, Outcome.COALESCED if joined else Outcome.MISS)
 
     async def _revalidate(
         self,

@@ -134,7 +134,11 @@ class UpstreamAuth:
                     raise UpstreamError(f"token service answered {resp.status}")
                 body = await resp.content.read(MAX_TOKEN_RESPONSE)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"token service unreachable: {exc!r}") from exc
+            # Never the exception's repr: aiohttp's carries the request headers.
+            reason = type(exc).__name__
+            if isinstance(exc, aiohttp.ClientResponseError):
+                reason += f" (HTTP {exc.status})"
+            raise UpstreamUnavailable(f"token service unreachable: {reason}") from exc
         try:
             data = json.loads(body)
             token = data.get("token") or data.get("access_token")

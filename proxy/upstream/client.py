@@ -169,6 +169,9 @@ class UpstreamClient(BlobSource, ManifestSource):
         session = aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
+            # No cookies: an upstream's session cookie must never make an anonymous access
+            # check (or one client's request) count as the proxy's authenticated one.
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             headers={"User-Agent": "registry-proxy"},
             # Larger socket reads: fewer, bigger chunks per blob (the default is 64 KiB).
@@ -323,11 +326,12 @@ class UpstreamClient(BlobSource, ManifestSource):
 
         The probe is a HEAD of the manifest ``reference`` when there is one (Docker Hub
         does not count a HEAD as a pull), else ``GET tags/list?n=1``; with no ``repo``,
-        ``GET /v2/`` (a login: are these credentials good at all). A token for the
+        ``GET /v2/`` (a login: are these credentials good at all); a 404 for the manifest
+        is asked again of the repository (``tags/list``). A token for the
         repository's pull scope is asked for first when the upstream challenges. True on
-        2xx or a redirect, False on 401/403 (or refused credentials at the token service),
-        None when the answer proves nothing either way (404, 429): the caller must not
-        remember it. ``UpstreamUnavailable`` when the upstream cannot be asked.
+        2xx, False on 401/403 (or refused credentials at the token service), None when
+        the answer proves nothing either way (a redirect, 404 for the repository, 429).
+        ``UpstreamUnavailable`` when the upstream cannot be asked.
         """
         self.health.check()
         auth = UpstreamAuth(self._session, username, password)
@@ -357,14 +361,19 @@ class UpstreamClient(BlobSource, ManifestSource):
                 status = resp.status
                 resp.release()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"upstream {self.name} unreachable: {exc!r}") from exc
-        if status < 400:
+            raise UpstreamUnavailable(
+                f"upstream {self.name} unreachable: {failure_text(exc)}"
+            ) from exc
+        if 200 <= status < 300:
             return True
         if status in (401, 403):
             return False
         if status >= 500:
             raise UpstreamError(f"upstream {self.name} answered {status} to an access check")
-        return None
+        if status == 404 and reference is not None and repo is not None:
+            # A missing tag says nothing of the repository: ask about the repository.
+            return await self.check_access(repo, None, username, password)
+        return None  # a redirect, 404 for the repository, 429: proves nothing either way
 
     async def get_manifest(
         self, repo: str, reference: str, accept: str | None, *, head: bool = False
@@ -477,6 +486,14 @@ class UpstreamClient(BlobSource, ManifestSource):
                 raise UpstreamError(f"upstream answered {resp.status} for referrers")
             body = await _read_capped(resp, MAX_MANIFEST_SIZE)
             return PassThrough(resp.status, _relayed_headers(resp), body)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What went wrong, for messages and logs, without anything of the request: an
+    aiohttp error's ``repr`` carries the request's headers (Authorization included)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__} (HTTP {exc.status})"
+    return type(exc).__name__
 
 
 def _relayed_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:

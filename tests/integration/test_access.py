@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import bcrypt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.rig import oci
 from tests.rig.auth import Credentials
@@ -295,11 +297,17 @@ async def test_a_pass_through_verdict_is_shared_by_replicas_through_redis(
 ) -> None:
     await push(tmp_path, skopeo, world.basic, "shared/app")
     assert world.basic.credentials is not None
-    settings = {"cache": {"redis": redis_server.url}}
-    first = await world.start_proxy(visibility=None, settings=access_settings(tmp_path, **settings))
-    second = await world.start_proxy(
-        visibility=None, settings=access_settings(tmp_path, **settings)
+    # Replicas share the token key (a Secret in Kubernetes): the pass-through verdicts'
+    # keys are keyed by a secret derived from it.
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    (tmp_path / "token.pem").write_bytes(key)
+    settings = {"cache": {"redis": redis_server.url}}
+    shared = access_settings(tmp_path, **settings)
+    shared["auth"]["token"] = {"key": str(tmp_path / "token.pem")}
+    first = await world.start_proxy(visibility=None, settings=shared)
+    second = await world.start_proxy(visibility=None, settings=shared)
     client = {"Authorization": "Basic " + world.basic.credentials.basic, "Accept": oci.OCI_MANIFEST}
 
     def checks_with_client_credentials() -> int:

@@ -13,6 +13,7 @@ import yaml
 from proxy.__main__ import main
 from proxy.settings import (
     DEFAULT_DECISION_TTL,
+    DEFAULT_PROBE_RATE,
     DEFAULT_RULES,
     DEFAULT_TOKEN_EXPIRY,
     DEFAULT_TOKEN_SERVICE,
@@ -43,6 +44,7 @@ FULL: dict[str, Any] = {
         "trusted_proxies": ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
         "decision_ttl": "90s",
         "visibility_ttl": "2h",
+        "probe_rate": "30/m",
     },
     "access": {
         "groups": {"ci": ["robot-ci", "robot-2"], "ops": ["carol"]},
@@ -90,6 +92,7 @@ def test_defaults_without_the_sections() -> None:
         trusted_proxies=(),
         decision_ttl=DEFAULT_DECISION_TTL,
         visibility_ttl=DEFAULT_VISIBILITY_TTL,
+        probe_rate=Rate(DEFAULT_PROBE_RATE, 60.0),
     )
     assert loaded.access == AccessSettings(groups={}, admins=(), rules=DEFAULT_RULES)
     assert loaded.access.rules == (AccessRule(repos="**", pull=("anonymous", "passthrough")),)
@@ -125,6 +128,7 @@ def test_every_auth_key_is_read() -> None:
     assert auth.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32")
     assert auth.decision_ttl == 90.0
     assert auth.visibility_ttl == 7200.0
+    assert auth.probe_rate == Rate(30, 60.0)
 
 
 def test_every_access_key_is_read() -> None:
@@ -320,6 +324,7 @@ def test_to_dict_shows_the_sections_as_the_file_writes_them(tmp_path: Path) -> N
         "trusted_proxies": ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
         "decision_ttl": 90.0,
         "visibility_ttl": 7200.0,
+        "probe_rate": "30/60s",
     }
     assert shown["access"] == {
         "groups": {"ci": ["robot-ci", "robot-2"], "ops": ["carol"]},

@@ -4,6 +4,7 @@ client address behind trusted proxies."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 
 import pytest
@@ -151,22 +152,27 @@ def test_the_password_is_not_in_repr_nor_the_fingerprint() -> None:
     assert "hunter2-secret" not in repr(credential)
     assert "hunter2-secret" not in repr(identity)
     assert "hunter2-secret" not in identity.display
-    assert "hunter2-secret" not in credential.fingerprint
-    assert len(credential.fingerprint) == 32
+    assert "hunter2-secret" not in credential.fingerprint(b"k")
+    assert len(credential.fingerprint(b"k")) == 32
 
 
 def test_fingerprints_differ_by_user_and_password() -> None:
     prints = {
-        Credential("alice", "pw").fingerprint,
-        Credential("alice", "pw2").fingerprint,
-        Credential("bob", "pw").fingerprint,
+        Credential("alice", "pw").fingerprint(b"k"),
+        Credential("alice", "pw2").fingerprint(b"k"),
+        Credential("bob", "pw").fingerprint(b"k"),
         # the separator keeps "a" + "b:c" apart from "a:b" + "c"
-        Credential("a", "b:c").fingerprint,
-        Credential("a:b", "c").fingerprint,
+        Credential("a", "b:c").fingerprint(b"k"),
+        Credential("a:b", "c").fingerprint(b"k"),
     }
 
     assert len(prints) == 5
-    assert Credential("alice", "pw").fingerprint == Credential("alice", "pw").fingerprint
+    same = Credential("alice", "pw")
+    assert same.fingerprint(b"k") == Credential("alice", "pw").fingerprint(b"k")
+    # Keyed: without the proxy's secret the hash of a guessed password does not match.
+    assert same.fingerprint(b"k") != same.fingerprint(b"other")
+    unkeyed = hashlib.sha256(b"alice\0pw").hexdigest()[:32]
+    assert same.fingerprint(b"k") != unkeyed
 
 
 def test_identity_key_and_label() -> None:
@@ -175,7 +181,7 @@ def test_identity_key_and_label() -> None:
     anonymous = Identity("anonymous", "192.0.2.1")
 
     assert (user.key, user.label, user.authenticated) == ("user:alice", "alice", True)
-    assert passthrough.key == "passthrough:0123456789abcdef"
+    assert passthrough.key == "ip:192.0.2.1"  # a made-up credential buys no fresh limits
     assert (passthrough.label, passthrough.authenticated) == ("passthrough", True)
     assert (anonymous.key, anonymous.label) == ("ip:192.0.2.1", "anonymous")
     assert not anonymous.authenticated

@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 from prometheus_client import REGISTRY
 
-from proxy.access.verdicts import Verdicts
+from proxy.access.verdicts import UNKNOWN_TTL, Verdicts
 from proxy.cache.redis import RedisLayer
 from proxy.errors import TooManyRequests, UpstreamError, UpstreamUnavailable
 from tests.unit.clock import Clock
@@ -112,17 +112,24 @@ async def test_a_cancelled_asker_leaves_the_probe_to_the_others(verdicts: Verdic
     assert probe.calls == 1
 
 
-async def test_an_unknown_answer_is_refused_and_not_remembered(verdicts: Verdicts) -> None:
+async def test_an_unknown_answer_is_remembered_briefly(verdicts: Verdicts, clock: Clock) -> None:
+    """A 404 proves nothing, but asking again for every request for something missing
+    would let clients make the proxy probe the upstream at will: it is remembered for
+    UNKNOWN_TTL (or the TTL, when shorter), as None, which callers refuse on."""
     probe = Probe(None)
     before = checks("test", "unknown")
 
-    assert not await verdicts.get("k", probe)
-    assert not await verdicts.get("k", probe)
+    assert await verdicts.get("k", probe) is None
+    assert await verdicts.get("k", probe) is None
+    assert probe.calls == 1
+    assert checks("test", "unknown") == before + 1
+    assert verdicts.fresh("k")
 
-    assert probe.calls == 2
-    assert checks("test", "unknown") == before + 2
+    clock.advance(min(TTL, UNKNOWN_TTL) + 1)
+    assert not verdicts.fresh("k")
     probe.answer = True
-    assert await verdicts.get("k", probe)
+    assert await verdicts.get("k", probe) is True
+    assert probe.calls == 2
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,13 @@ htpasswd file, the proxy's own token service, and credential pass-through."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import aiohttp
 import bcrypt
 import jwt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,7 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from proxy.api.handlers import REGISTRY_KEY
+from proxy.api.handlers import ACCESS_KEY, REGISTRY_KEY
 from proxy.app import create_app
 from proxy.model import Digest
 from proxy.settings import Settings
@@ -79,8 +82,10 @@ def make(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path:
         upstream: dict[str, Any] | None = None,
         credentials: bool = True,
         htpasswd: bool = True,
+        auth: dict[str, Any] | None = None,
+        registry_auth: str = AUTH_BASIC,
     ) -> Rig:
-        registry = FakeRegistry(auth=AUTH_BASIC, username=UP_USER, password=UP_PASSWORD)
+        registry = FakeRegistry(auth=registry_auth, username=UP_USER, password=UP_PASSWORD)
         registry.add_manifest(REPO, "v1", BODY)
         registry.add_manifest(OTHER, "v1", manifest_body("other-v1"))
         blob = registry.add_blob(REPO, BLOB)
@@ -106,6 +111,8 @@ def make(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path:
                 )
             )
             data["auth"] = {"htpasswd": str(path)}
+        if auth is not None:
+            data["auth"] = data.get("auth", {}) | auth
         if access is not None:
             data["access"] = access
         if limits is not None:
@@ -504,3 +511,165 @@ async def test_decisions_are_counted_by_reason(make: Make) -> None:
     assert decisions("deny", "no_rule") >= 0
     assert decisions("deny", "not_granted") + decisions("deny", "private") > before_private
     assert decisions("allow", "user") == before_user + 1
+
+
+# --- review findings ---------------------------------------------------------------------
+
+
+async def test_a_malformed_token_service_answer_leaks_no_credential(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """aiohttp's ``repr`` of a response error carries the request headers: the proxy's own
+    Basic credentials must not reach a client's error body through it."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    token_service = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = token_service.sockets[0].getsockname()[1]
+
+    async def v2(request: web.Request) -> web.Response:
+        realm = f'Bearer realm="http://127.0.0.1:{port}/token",service="x"'
+        return web.Response(status=401, headers={"WWW-Authenticate": realm})
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/v2/{tail:.*}", v2)
+    server = await aiohttp_server(upstream)
+    settings = Settings.from_mapping(
+        {
+            "cache": {"dir": str(tmp_path / "cache")},
+            "upstreams": [
+                {
+                    "name": "up",
+                    "url": f"http://{server.host}:{server.port}",
+                    "username": UP_USER,
+                    "password": UP_PASSWORD,
+                    "visibility": "public",
+                    "retries": 0,
+                }
+            ],
+        },
+        environ={},
+    )
+    client = await aiohttp_client(create_app(settings))
+    try:
+        response = await client.get(f"/v2/{REPO}/manifests/v1")
+        body = await response.text()
+        assert response.status >= 500
+        secret = base64.b64encode(f"{UP_USER}:{UP_PASSWORD}".encode()).decode()
+        assert secret not in body and UP_PASSWORD not in body
+        assert "Authorization" not in body
+    finally:
+        token_service.close()
+        await token_service.wait_closed()
+
+
+async def test_made_up_credentials_buy_no_fresh_limits(make: Make) -> None:
+    """Pass-through identities count by client address until the upstream has said
+    anything: a new random credential per request is the same client."""
+    rig = await make(access=RULES, limits={"requests": "3/1h"}, upstream={"visibility": "public"})
+    statuses = []
+    for n in range(5):
+        headers = basic(f"made-up-{n}", f"pw-{n}")
+        response = await rig.client.get(f"/v2/{OTHER}/manifests/v1", headers=headers)
+        statuses.append(response.status)
+    assert statuses[3:] == [429, 429]
+
+
+async def test_upstream_probes_per_address_are_bounded(make: Make) -> None:
+    rig = await make(access=RULES, auth={"probe_rate": "3/1h"})
+    statuses = []
+    for n in range(5):
+        headers = basic(f"guess-{n}", "guess")
+        response = await rig.client.get(f"/v2/{REPO}/manifests/v1", headers=headers)
+        statuses.append(response.status)
+    assert statuses[:3] == [401, 401, 401]
+    assert statuses[3:] == [429, 429]
+    probes = [r for r in rig.registry.v2_requests() if r.authorization]
+    assert len(probes) <= 3 * 2  # at most the budget's worth (a challenge and a retry each)
+
+
+async def test_a_missing_tag_of_a_public_repository_is_404_and_probed_once(make: Make) -> None:
+    rig = await make(registry_auth="none", htpasswd=False)  # serves anonymously: public
+    ok = await rig.client.get(f"/v2/{REPO}/manifests/v1")
+    assert ok.status == 200
+    rig.registry.requests.clear()
+    for _ in range(3):
+        missing = await rig.client.get(f"/v2/{REPO}/manifests/no-such-tag")
+        assert missing.status == 404
+        assert (await error_of(missing))["code"] == "MANIFEST_UNKNOWN"
+    # The repository's visibility was known: no access probe, only the manifest GETs.
+    assert all(r.method == "GET" for r in rig.registry.v2_requests())
+
+
+async def test_a_missing_repository_is_refused_without_the_visibility_hint(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await make(registry_auth="none", htpasswd=False)
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        response = await rig.client.get("/v2/no/such-repo/manifests/v1")
+        assert response.status == 401
+    probes = [r for r in rig.registry.v2_requests() if "no/such-repo" in r.path]
+    assert len(probes) == 2  # the manifest HEAD and the tags/list, once: remembered briefly
+    denials = [r.getMessage() for r in caplog.records if r.name == "proxy.audit"]
+    assert denials and all("unknown" in d and "visibility" not in d for d in denials)
+
+
+async def test_made_up_credentials_are_401_even_where_the_rule_has_no_passthrough(
+    make: Make,
+) -> None:
+    rig = await make(access=RULES)
+    response = await rig.client.get(f"/v2/{OTHER}/manifests/v1", headers=basic("robot", "x"))
+    assert response.status == 401
+    assert "WWW-Authenticate" in response.headers
+
+
+async def test_a_users_token_dies_with_the_user(make: Make, tmp_path: Path) -> None:
+    rig = await make(access=RULES)
+    token = await rig.token(basic("alice", USERS["alice"]))
+    assert (await rig.client.get(f"/v2/{REPO}/manifests/v1", headers=bearer(token))).status == 200
+    path = tmp_path / "htpasswd"
+    path.write_text(path.read_text().replace("alice:", "alice-gone:"))
+    os.utime(path, ns=(2, 2))
+    control = rig.client.app[ACCESS_KEY]
+    assert control.htpasswd is not None
+    control.htpasswd._checked = -1e9  # the once-a-second re-read is due now
+    response = await rig.client.get(f"/v2/{REPO}/manifests/v1", headers=bearer(token))
+    assert response.status == 401
+
+
+async def test_the_challenge_realm_is_never_built_from_a_hostile_host(make: Make) -> None:
+    rig = await make()
+    response = await rig.client.get(
+        f"/v2/{REPO}/manifests/v1", headers={"Host": 'evil.example/x" ,scope="repository:o:push'}
+    )
+    assert response.status == 401
+    challenge = response.headers["WWW-Authenticate"]
+    assert "evil" not in challenge and "push" not in challenge
+    assert challenge.count('"') == 6  # realm, service and scope, each quoted once
+
+
+async def test_pass_through_tokens_carry_no_credential_hash(make: Make) -> None:
+    rig = await make(access=RULES)
+    token = await rig.token(basic(UP_USER, UP_PASSWORD))
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["rp_kind"] == "passthrough"
+    assert "rp_fp" not in claims
+
+
+def test_upstream_sessions_keep_no_cookies() -> None:
+    from proxy.settings import UpstreamSettings
+    from proxy.upstream.client import UpstreamClient
+
+    async def check() -> None:
+        client = UpstreamClient.create(UpstreamSettings(name="u", url="http://127.0.0.1:1"))
+        try:
+            assert isinstance(client._session.cookie_jar, aiohttp.DummyCookieJar)
+        finally:
+            await client.close()
+
+    asyncio.run(check())

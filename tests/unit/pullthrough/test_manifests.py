@@ -315,6 +315,33 @@ async def test_concurrent_tag_misses_are_one_upstream_get(rig: Rig) -> None:
 
     assert [r.manifest.body for r in results] == [V1] * 8
     assert rig.upstream.calls == [Call("GET", REPO, "v1", None)]
+    # One started the fetch; the others joined it and say so.
+    assert [r.outcome for r in results] == [Outcome.MISS] + [Outcome.COALESCED] * 7
+
+
+async def test_only_the_request_that_starts_a_fetch_passes_the_gate(rig: Rig) -> None:
+    """Quotas count cold fetches: joining one in flight costs the upstream nothing."""
+
+    class CountingGate:
+        admitted = 0
+
+        async def admit(self) -> None:
+            self.admitted += 1
+
+        async def charge(self, size: int) -> None:
+            return None
+
+    gate = CountingGate()
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    rig.upstream.gate = asyncio.Event()
+    pulls = [
+        asyncio.create_task(rig.service.get(REPO, Reference.parse("v1"), None, gate))
+        for _ in range(4)
+    ]
+    await rig.upstream.called.wait()
+    rig.upstream.gate.set()
+    await asyncio.gather(*pulls)
+    assert gate.admitted == 1
 
 
 async def test_concurrent_revalidations_are_one_head(rig: Rig) -> None:
