@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.access.control import AccessControl
-from proxy.api import handlers
+from proxy.api import handlers, peer
 from proxy.api.accesslog import AccessLogger
 from proxy.api.connections import ConnectionGuard, GuardedAppRunner, raise_open_files_limit
 from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
@@ -71,6 +71,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/admin/cache/gc", handlers.admin_cache_gc)
     app.router.add_post("/admin/cache/verify", handlers.admin_cache_verify)
     app.router.add_post("/admin/cache/prewarm", handlers.admin_cache_prewarm)
+    app.router.add_get("/_cluster/blobs/{digest}", peer.peer_blob, allow_head=False)
+    app.router.add_route("*", "/_cluster/{tail:.*}", peer.other)
     return app
 
 
@@ -98,7 +100,8 @@ def create_metrics_app() -> web.Application:
 
 
 async def run(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then close listeners and resources in reverse."""
+    """Serve until SIGINT or SIGTERM, then drain (see below) and close resources in
+    reverse."""
     log = logging.getLogger("proxy")
     open_files = raise_open_files_limit()
     runners: list[web.AppRunner] = []
@@ -119,6 +122,7 @@ async def run(settings: Settings) -> None:
                     connection_guard(settings),
                     access_log_class=AccessLogger,
                     handle_signals=False,
+                    shutdown_timeout=settings.shutdown_grace,
                 )
                 guarded.guard.install(loop)
                 log.info(
@@ -128,13 +132,22 @@ async def run(settings: Settings) -> None:
                 )
                 runner = guarded
             else:
-                runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False)
+                runner = web.AppRunner(
+                    app,
+                    access_log_class=AccessLogger,
+                    handle_signals=False,
+                    shutdown_timeout=settings.shutdown_grace,
+                )
             await runner.setup()
             runners.append(runner)
             await web.TCPSite(runner, host, port).start()
             log.info("listening on %s:%d", host, port)
         await stop.wait()
-        log.info("shutting down")
+        # Unready and taking no new fetch leases; then (cleanup) the listeners close,
+        # responses in flight get up to shutdown_grace, and fetches still running are
+        # cancelled, which releases their leases so a follower takes over at once.
+        log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace)
+        main[handlers.REGISTRY_KEY].drain()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()

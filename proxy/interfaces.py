@@ -328,3 +328,28 @@ class LinkService(Protocol):
     async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         """Forget that ``repo`` holds ``digests`` (their content was evicted). Idempotent."""
         ...
+
+
+class TagRevalidations(Protocol):
+    """Who revalidates a tag past its TTL, when several processes share the cache."""
+
+    def turn(
+        self, upstream: str, repo: str, tag: str, seen: TagEntry
+    ) -> AbstractAsyncContextManager[TagEntry | None]:
+        """Enter: None when the caller should revalidate now (others wait until the
+        block exits); else the entry to use instead of asking the upstream: one another
+        process revalidated meanwhile, or ``seen`` itself when waiting for that ran out.
+        Never raises for a coordination failure (then: None)."""
+        ...
+
+
+class ManifestBodies(Protocol):
+    """Manifest bodies shared between processes, by digest (advisory)."""
+
+    async def get(self, digest: Digest) -> tuple[str, bytes] | None:
+        """(media type, body) if known; the caller verifies the body's digest."""
+        ...
+
+    async def put(self, digest: Digest, media_type: str, body: bytes) -> None:
+        """Share a verified body. Never raises."""
+        ...

@@ -141,7 +141,7 @@ CACHE_SECONDS = Histogram(
 )
 REDIS_OPERATIONS = Counter(
     PREFIX + "redis_operations_total",
-    "Redis operations by op (get|set|clear|ping) and result (ok|error|skipped)",
+    "Redis operations by op (get|set|clear|ping|lease) and result (ok|error|skipped)",
     ["op", "result"],
 )
 REDIS_SECONDS = Histogram(
@@ -258,4 +258,43 @@ ASYNCIO_TASKS = Gauge(
 MALFORMED_REQUESTS = Counter(
     PREFIX + "malformed_requests_total",
     "Requests that could not be parsed as HTTP (answered 400 with an OCI error body)",
+)
+
+# --- cluster (proxy.cluster) -------------------------------------------------------------
+
+PEER_BYTES = Counter(
+    PREFIX + "peer_bytes_total",
+    "Blob bytes exchanged with other replicas over the peer endpoint, by direction (in|out)",
+    ["direction"],
+)
+PEER_REQUESTS = Counter(
+    PREFIX + "peer_requests_total",
+    "Requests to this replica's peer endpoint, by result (ok|denied|unknown|error)",
+    ["result"],
+)
+CLUSTER_LEASES = Counter(
+    PREFIX + "cluster_leases_total",
+    "Blob fetch leases asked for, by result: acquired (this replica fetches), followed "
+    "(another replica's fetch is followed), takeover (a dead owner's fetch continued "
+    "here), unavailable (Redis did not answer: per-process behaviour)",
+    ["result"],
+)
+CLUSTER_FETCHES = Counter(
+    PREFIX + "cluster_fetches_total",
+    "Blob fetches committed, by where their bytes came from: upstream, owner (followed "
+    "another replica's fetch), holder (filled from a replica that had it), mixed (a peer, "
+    "then the upstream after a takeover)",
+    ["source"],
+)
+CLUSTER_TAG_CHECKS = Counter(
+    PREFIX + "cluster_tag_checks_total",
+    "Tag revalidations past the TTL, by how the cluster settled them: checked (this replica "
+    "asked the upstream), shared (another replica's fresh result was used), waited (the "
+    "wait for another's result ran out; the cached entry was served), unavailable (Redis "
+    "did not answer; checked as a single process does)",
+    ["result"],
+)
+CLUSTER_MANIFESTS_SHARED = Counter(
+    PREFIX + "cluster_shared_manifests_total",
+    "Manifests taken from Redis instead of being fetched by digest from the upstream",
 )

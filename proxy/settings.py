@@ -49,7 +49,7 @@ from typing import (
     get_args,
     get_origin,
 )
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import yaml
@@ -87,6 +87,8 @@ DEFAULT_LOW_WATERMARK = 0.8
 DEFAULT_MIN_AGE = 300.0
 DEFAULT_GC_GRACE = 3600.0
 DEFAULT_PROBE_RATE = 120  # per minute
+DEFAULT_LEASE_TTL = 10.0
+DEFAULT_SHUTDOWN_GRACE = 25.0
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -233,9 +235,51 @@ def parse_upstream_url(value: object, key: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``redis+sentinel://[:password@]host[:port][,host[:port]...]/<service>[/<db>]``."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        """Raises ValueError naming what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        password = unquote(credentials.partition(":")[2]) if credentials else None
+        sentinels: list[tuple[str, int]] = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = item.strip(), str(DEFAULT_SENTINEL_PORT)
+            if not host or not port.isdigit():
+                raise ValueError(f"bad sentinel address {item!r}")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("expected /<service name>[/<db>] after the sentinels")
+        return cls(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password)
+
+
 def parse_redis_url(value: object, key: str) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(key, "expected a redis://, rediss:// or unix:// URL")
+    schemes = ("redis", "rediss", "unix", "redis+sentinel")
+    if not isinstance(value, str) or urlsplit(value).scheme not in schemes:
+        raise ConfigError(key, "expected a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    if value.startswith("redis+sentinel:"):
+        # The one format redis-py does not parse itself: checked here, at start-up.
+        try:
+            SentinelUrl.parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, f"{exc} (redis+sentinel://host:port,.../service/db)") from None
     return value
 
 
@@ -509,6 +553,40 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
     cold_bytes: SizeRate | None = None
 
 
+def parse_advertise(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, "expected HOST:PORT or http://HOST:PORT")
+    text = value.strip()
+    url = text if "://" in text else f"http://{text}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ConfigError(key, "expected HOST:PORT or http://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(key, "the address must have no path, query or credentials")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+Advertise = Annotated[str, Parse(parse_advertise), Expect("HOST:PORT")]
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``cluster`` keys (``Settings.cluster``): replicas sharing ``cache.redis``
+    behave as one cache (fetch leases, peer streaming and fill). Off unless
+    ``advertise`` and ``secret_file`` are both set."""
+
+    advertise: str | None = None
+    """Where the other replicas reach this one (its listener), e.g. the pod IP and port."""
+    secret_file: Path | None = None
+    """A file holding the secret shared by the replicas (peer requests are HMAC-signed)."""
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    """How long a fetch lease lives without renewal (renewed every third of it)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.advertise is not None and self.secret_file is not None
+
+
 class UpstreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     """One upstream registry: an item of ``upstreams`` in the file, keys as the fields.
 
@@ -716,6 +794,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     limits: Annotated[
         LimitSettings, _section(LimitSettings), _SectionShow, Key(overridable=False)
     ] = LimitSettings()
+    cluster_advertise: Annotated[
+        Advertise | None,
+        Key(
+            path="cluster.advertise",
+            help="address the other replicas reach this one at (the pod IP and port)",
+            metavar="HOST:PORT",
+        ),
+    ] = None
+    cluster_secret_file: Annotated[
+        FilePath | None,
+        Key(
+            path="cluster.secret_file",
+            help="file with the secret the replicas share (signs peer requests)",
+            metavar="FILE",
+        ),
+    ] = None
+    cluster_lease_ttl: Annotated[
+        Duration,
+        Key(
+            path="cluster.lease_ttl",
+            help="life of a fetch lease without renewal",
+            metavar="DURATION",
+        ),
+    ] = DEFAULT_LEASE_TTL
+    shutdown_grace: Annotated[
+        Duration,
+        Key(help="on SIGTERM, how long responses in flight may finish", metavar="DURATION"),
+    ] = DEFAULT_SHUTDOWN_GRACE
     # Parsed item by item (_parse_upstreams), never overridden as a whole.
     upstreams: Annotated[
         tuple[UpstreamSettings, ...], Key(overridable=False), Show(_show_upstreams)
@@ -724,6 +830,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def listen_host(self) -> str:
         return self.listen[0]
+
+    @property
+    def cluster(self) -> ClusterSettings:
+        return ClusterSettings(
+            self.cluster_advertise, self.cluster_secret_file, self.cluster_lease_ttl
+        )
 
     @property
     def listen_port(self) -> int:

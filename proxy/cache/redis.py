@@ -25,9 +25,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 from redis.typing import EncodableT, FieldT
@@ -37,6 +39,7 @@ from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.errors import BlobUnknown, RegistryError
 from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
 from proxy.model import Descriptor, Digest
+from proxy.settings import SENTINEL_SCHEME, SentinelUrl
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,14 @@ LOG_INTERVAL = 30.0
 
 
 def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Redis:
-    """A client with short timeouts and no retries of its own: the breaker decides."""
+    """A client with short timeouts and no retries of its own: the breaker decides.
+
+    ``redis+sentinel://[:password@]host[:port][,host[:port]...]/<service>[/<db>]`` asks
+    the sentinels for the service's master (redis-py's ``Sentinel``) and asks again after
+    a failover: a connection to a demoted or dead master fails, the breaker counts it,
+    and the next connection goes to the master the sentinels name then."""
+    if urlsplit(url).scheme == SENTINEL_SCHEME:
+        return _sentinel_master(url, timeout)
     return aioredis.from_url(
         url,
         socket_timeout=timeout,
@@ -63,6 +73,25 @@ def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Re
         retry_on_timeout=False,
         max_connections=64,
     )
+
+
+def _sentinel_master(url: str, timeout: float) -> aioredis.Redis:
+    parsed = SentinelUrl.parse(url)
+    quick = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        list(parsed.sentinels), sentinel_kwargs=quick, **quick
+    )
+    master: aioredis.Redis = sentinel.master_for(
+        parsed.service,
+        db=parsed.db,
+        password=parsed.password,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        max_connections=64,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return master
 
 
 _STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
@@ -149,6 +178,10 @@ class RedisLayer:
 
     async def close(self) -> None:
         await self.client.aclose()
+        # A sentinel-backed client also holds one client per sentinel.
+        manager = getattr(self.client.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
 
 def _text(value: Any) -> str:

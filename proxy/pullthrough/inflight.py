@@ -305,6 +305,13 @@ class InflightBlobFetches:
         if tasks:
             await asyncio.wait(tasks)
 
+    async def settle(self, within: float) -> None:
+        """Let fetches whose bytes are all in and verified finish committing (shutdown:
+        their bytes are worth keeping), for up to ``within`` seconds."""
+        committing = [fetch.done for fetch in self._fetches.values() if fetch.verified]
+        if committing:
+            await asyncio.wait(committing, timeout=within)
+
     async def close(self) -> None:
         """Cancel every fetch (application shutdown); temp files are removed."""
         for task in list(self._tasks):
@@ -413,6 +420,8 @@ class InflightBlobFetches:
         writer: BlobWriter | None = None
         try:
             async with asyncio.timeout(self._timeout):
+                # The opener's context spans the commit: a source that coordinates
+                # with others (proxy.cluster) learns there whether the blob was stored.
                 async with opener() as upstream:
                     fetch.size = upstream.size
                     writer = await self._store.create(fetch.digest, fetch.size)
@@ -421,19 +430,19 @@ class InflightBlobFetches:
                         self._pass_through(fetch, writer.failure)
                     fetch.ready.set_result(None)
                     await self._copy(upstream, writer, fetch)
-                expected = Descriptor(fetch.digest, fetch.size or fetch.end)
-                await writer.verify(expected)
-                fetch.verified = True  # readers may send the last byte now
-                fetch._notify()
-                descriptor = expected
+                    expected = Descriptor(fetch.digest, fetch.size or fetch.end)
+                    await writer.verify(expected)
+                    fetch.verified = True  # readers may send the last byte now
+                    fetch._notify()
+                    descriptor = expected
+                    if fetch.passthrough is None:
+                        try:
+                            descriptor = await writer.commit(expected)
+                        except CacheWriteFailed as failure:
+                            # Every byte is in the file and verified: readers finish from it.
+                            self._pass_through(fetch, failure)
                 if fetch.passthrough is None:
-                    try:
-                        descriptor = await writer.commit(expected)
-                    except CacheWriteFailed as failure:
-                        # Every byte is in the file and verified: readers finish from it.
-                        self._pass_through(fetch, failure)
-            if fetch.passthrough is None:
-                await self._descriptors.set_descriptor(fetch.digest, descriptor)
+                    await self._descriptors.set_descriptor(fetch.digest, descriptor)
             fetch.done.set_result(descriptor)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")

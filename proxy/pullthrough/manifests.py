@@ -30,7 +30,15 @@ from dataclasses import dataclass
 
 from proxy import metrics
 from proxy.errors import ManifestUnknown, NotAcceptable, TooManyRequests, UpstreamError
-from proxy.interfaces import ColdFetchGate, LinkService, ManifestSource, TagEntry, TagService
+from proxy.interfaces import (
+    ColdFetchGate,
+    LinkService,
+    ManifestBodies,
+    ManifestSource,
+    TagEntry,
+    TagRevalidations,
+    TagService,
+)
 from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Outcome, Reference, accepts, references
 from proxy.pullthrough.blobs import RepositoryScope
 from proxy.pullthrough.coalesce import Coalescer
@@ -57,9 +65,16 @@ class ProxyManifestService:
         *,
         clock: Callable[[], float] = time.time,
         on_pull: Callable[[str, str, Digest], None] | None = None,
+        revalidations: TagRevalidations | None = None,
+        bodies: ManifestBodies | None = None,
     ) -> None:
+        """``revalidations`` and ``bodies``: coordination with other processes sharing
+        the cache (``proxy.cluster``): who sends a tag's HEAD, and manifest bodies one
+        of them fetched already."""
         self._settings = settings
         self._on_pull = on_pull
+        self._revalidations = revalidations
+        self._bodies = bodies
         self._upstream = upstream
         self._store = store
         self._tags = tags
@@ -118,7 +133,7 @@ class ProxyManifestService:
         joined = self._coalescer.running(key)
         if not joined:  # joining a fetch in flight costs the upstream nothing
             await self._admit(gate)
-        manifest = await self._coalescer.run(key, lambda: self._fetch(repo, str(digest), accept))
+        manifest = await self._coalescer.run(key, lambda: self._fetch_digest(repo, digest, accept))
         return ManifestResult(manifest, Outcome.COALESCED if joined else Outcome.MISS)
 
     async def _get_by_tag(
@@ -157,7 +172,7 @@ class ProxyManifestService:
         policy allows (within ``max_stale`` past the TTL; a 404 only with ``stale_on_404``)."""
         key = ("head", repo, tag, _accept_key(accept))
         try:
-            head = await self._coalescer.run(key, lambda: self._head_tag(repo, tag, accept, entry))
+            head = await self._coalescer.run(key, lambda: self._check_tag(repo, tag, accept, entry))
         except (UpstreamError, TooManyRequests, ManifestUnknown) as exc:
             within = age - self._settings.tag_ttl <= self._settings.max_stale
             if not within or (isinstance(exc, ManifestUnknown) and not self._settings.stale_on_404):
@@ -173,13 +188,29 @@ class ProxyManifestService:
         outcome = Outcome.REVALIDATED if head.digest == local.digest else Outcome.MISS
         return ManifestResult(head, outcome)
 
+    async def _check_tag(
+        self, repo: str, tag: str, accept: str | None, entry: TagEntry
+    ) -> StoredManifest:
+        """Revalidate with a HEAD, unless another process sharing the cache does it (or
+        just did): then what it found."""
+        if self._revalidations is None:
+            return await self._head_tag(repo, tag, accept, entry)
+        name = self._settings.name
+        async with self._revalidations.turn(name, repo, tag_key(tag, accept), entry) as other:
+            if other is None:
+                return await self._head_tag(repo, tag, accept, entry)
+        manifest = await self._store.get(other.digest)
+        if manifest is None:
+            manifest = await self._fetch_digest(repo, other.digest, accept)
+        return manifest
+
     async def _head_tag(
         self, repo: str, tag: str, accept: str | None, entry: TagEntry
     ) -> StoredManifest:
         head = await self._upstream.get_manifest(repo, tag, accept, head=True)
         manifest = await self._store.get(head.digest) if head.digest == entry.digest else None
         if manifest is None:
-            manifest = await self._fetch(repo, str(head.digest), accept)
+            manifest = await self._fetch_digest(repo, head.digest, accept)
         await self._record_tag(repo, tag, accept, manifest)
         return manifest
 
@@ -188,12 +219,26 @@ class ProxyManifestService:
         await self._record_tag(repo, tag, accept, manifest)
         return manifest
 
+    async def _fetch_digest(self, repo: str, digest: Digest, accept: str | None) -> StoredManifest:
+        """By digest: from a body another process shared, if this repository is known
+        to hold it and the client accepts its type; else from the upstream."""
+        if self._bodies is not None and await self._scope(repo).holds(digest):
+            shared = await self._bodies.get(digest)  # its digest is checked there
+            if shared is not None and accepts(accept, shared[0]):
+                manifest = await self._store.put(digest, shared[0], shared[1])
+                await self._scope(repo).record([digest, *references(manifest.body)])
+                metrics.CLUSTER_MANIFESTS_SHARED.inc()
+                return manifest
+        return await self._fetch(repo, str(digest), accept)
+
     async def _fetch(self, repo: str, reference: str, accept: str | None) -> StoredManifest:
         fetched = await self._upstream.get_manifest(repo, reference, accept)
         assert fetched.body is not None
         manifest = await self._store.put(fetched.digest, fetched.media_type, fetched.body)
         # The repository holds the manifest and everything it references.
         await self._scope(repo).record([manifest.digest, *references(manifest.body)])
+        if self._bodies is not None:
+            await self._bodies.put(manifest.digest, manifest.media_type, manifest.body)
         return manifest
 
     def _scope(self, repo: str) -> RepositoryScope:

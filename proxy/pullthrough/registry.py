@@ -50,6 +50,9 @@ from proxy.cache.redis import (
     connect,
 )
 from proxy.cache.tiered import TieredLinkStore, TieredTagStore
+from proxy.cluster.manifests import ClusterTagRevalidations, RedisManifestBodies
+from proxy.cluster.node import ClusterNode
+from proxy.cluster.source import ClusterBlobSource
 from proxy.interfaces import (
     BlobDescriptorService,
     BlobMiddleware,
@@ -58,7 +61,9 @@ from proxy.interfaces import (
     BlobStatter,
     ColdFetchGate,
     LinkService,
+    ManifestBodies,
     RepositoryBlobs,
+    TagRevalidations,
     TagService,
 )
 from proxy.model import Digest
@@ -77,6 +82,9 @@ from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
+
+COMMIT_GRACE = 5.0
+"""On shutdown, how long a fetch whose bytes are all in may take to commit."""
 
 
 def local_statter(store: DiskBlobStore) -> BlobDescriptorService:
@@ -145,6 +153,8 @@ class RegistryLayers:
     async def forget_content(self, digest: Digest) -> None:
         self._registry.manifest_store.forget(digest)
         await self._registry.descriptors.clear(digest)
+        if self._registry.cluster is not None:
+            await self._registry.cluster.forget(digest)  # no longer a holder for peers
 
     async def unlink(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         await self._registry.links.unlink(upstream, repo, digests)
@@ -195,6 +205,15 @@ class PullThroughRegistry:
         self.tags: TagService = IndexedTagStore(tiered, self.index, self._manifest_on_disk)
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
         self.inflight = InflightBlobFetches(self.store, self.descriptors)
+        # Replicas as one cache (proxy.cluster): needs Redis and the cluster section.
+        self.cluster: ClusterNode | None = None
+        self.tag_revalidations: TagRevalidations | None = None
+        self.manifest_bodies: ManifestBodies | None = None
+        if self.redis is not None and settings.cluster.enabled:
+            self.cluster = ClusterNode(settings.cluster, self.redis)
+            self.tag_revalidations = ClusterTagRevalidations(self.cluster, self.tags)
+            self.manifest_bodies = RedisManifestBodies(self.redis)
+        self.blob_sources: dict[str, BlobSource] = {}
         self.pins = Pins(settings.pin)
         self.evictor = Evictor(
             self.store,
@@ -213,6 +232,7 @@ class PullThroughRegistry:
         self.upstreams: dict[str, UpstreamServices] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._counting: asyncio.Task[None] | None = None
+        self.draining = False
 
     async def open(self, *, exclusive: bool = False) -> None:
         """Take the directory's lock (shared by serving processes; ``exclusive`` for the
@@ -229,8 +249,15 @@ class PullThroughRegistry:
         # (a hit needs only the file's own stat). Eviction waits for it.
         self._counting = asyncio.create_task(self._count(evict=not exclusive), name="count")
         _precreate_series([up.name for up in self.settings.upstreams])
+        if self.cluster is not None:
+            await self.cluster.open()
         for up in self.settings.upstreams:
             client = UpstreamClient.create(up)
+            self.blob_sources[up.name] = (
+                client
+                if self.cluster is None
+                else ClusterBlobSource(client, self.cluster, self.store)
+            )
             manifests = ProxyManifestService(
                 up,
                 client,
@@ -239,6 +266,8 @@ class PullThroughRegistry:
                 self.links,
                 clock=time.time,
                 on_pull=self.index.times.pulled,
+                revalidations=self.tag_revalidations,
+                bodies=self.manifest_bodies,
             )
             self.upstreams[up.name] = UpstreamServices(
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
@@ -287,6 +316,7 @@ class PullThroughRegistry:
                 await self._flusher
             self._flusher = None
         await self.evictor.close()
+        await self.inflight.settle(COMMIT_GRACE)
         await self.inflight.close()
         for services in self.upstreams.values():
             await services.manifests.close()
@@ -294,6 +324,9 @@ class PullThroughRegistry:
             await services.referrers.close()
             await services.client.close()
         self.upstreams.clear()
+        self.blob_sources.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.redis is not None:
             await self.redis.close()
         if self.state is not None:
@@ -302,10 +335,17 @@ class PullThroughRegistry:
         await asyncio.to_thread(self.index.close_sync)
         self.directory_lock.release()
 
+    def drain(self) -> None:
+        """Shutting down: unready, and no new fetch leases (others fetch instead)."""
+        self.draining = True
+        if self.cluster is not None:
+            self.cluster.closing = True
+
     async def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready means the cache can be served: its directory is writable. Upstream and
-        Redis states are reported; neither makes the proxy unready, since it serves its
-        cache without them. Nor does low space: misses are then served pass-through."""
+        """Ready means the cache can be served: its directory is writable, and the
+        process is not shutting down. Upstream and Redis states are reported; neither
+        makes the proxy unready, since it serves its cache without them. Nor does low
+        space: misses are then served pass-through."""
         writable = await asyncio.to_thread(self.store.writable)
         free, min_free = await asyncio.to_thread(self.store.space)
         report: dict[str, object] = {
@@ -319,6 +359,7 @@ class PullThroughRegistry:
                 "min_free_bytes": min_free,
                 "low_space": free < min_free,
             },
+            "draining": self.draining,
             "upstreams": {name: s.client.health.report() for name, s in self.upstreams.items()},
         }
         if self.evictor.max_bytes is not None:
@@ -335,7 +376,9 @@ class PullThroughRegistry:
             report["eviction"] = eviction
         if self.redis is not None:
             report["redis"] = {"reachable": await self.redis.ping()}
-        return writable, report
+        if self.cluster is not None:
+            report["cluster"] = {"advertise": self.cluster.address}
+        return writable and not self.draining, report
 
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:
         return self.upstreams[upstream.name]
@@ -351,7 +394,7 @@ class PullThroughRegistry:
         """The blob chain for one request to ``<upstream>/<repo>``: the registry's
         middleware outermost, then the request's (access control), then the layers."""
         return build_repository_blobs(
-            self.upstreams[upstream.name].client,
+            self.blob_sources[upstream.name],
             repo,
             committed=self.committed,
             files=self.store,
@@ -376,7 +419,7 @@ def _precreate_series(upstreams: list[str]) -> None:
     for route in ("manifest", "blob", "tags", "referrers"):
         for result in ("hit", "miss", "coalesced", "revalidated", "stale", "error"):
             metrics.CACHE_RESPONSES.labels(route, result)
-    for reason in ("size", "manual", "gc", "corrupt"):
+    for reason in ("size", "space", "manual", "gc", "corrupt"):
         metrics.EVICTED_BYTES.labels(reason)
         for kind in ("image", "loose"):
             metrics.EVICTED_IMAGES.labels(reason, kind)

@@ -83,20 +83,29 @@ class AiohttpUpstreamBlob(UpstreamBlob):
     """
 
     def __init__(
-        self, client: UpstreamClient, repo: str, digest: Digest, response: aiohttp.ClientResponse
+        self,
+        client: UpstreamClient,
+        repo: str,
+        digest: Digest,
+        response: aiohttp.ClientResponse,
+        *,
+        offset: int = 0,
     ) -> None:
         self._client = client
         self._repo = repo
         self._digest = digest
         self._response = response
+        self._offset = offset
 
     @property
     def size(self) -> int | None:
-        return self._response.content_length
+        """The whole blob's size; None for a body resumed at an offset (the caller had
+        it from the source it continues)."""
+        return self._response.content_length if self._offset == 0 else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         counter = metrics.UPSTREAM_BYTES.labels(self._client.name)
-        received = 0
+        received = self._offset
         resumes = 0
         response = self._response
         extra: list[aiohttp.ClientResponse] = []
@@ -419,6 +428,22 @@ class UpstreamClient(BlobSource, ManifestSource):
             if resp.status != 200:
                 raise UpstreamError(f"upstream answered {resp.status} for blob GET")
             yield AiohttpUpstreamBlob(self, repo, digest, resp)
+
+    @asynccontextmanager
+    async def open_blob_from(
+        self, repo: str, digest: Digest, offset: int
+    ) -> AsyncIterator[UpstreamBlob]:
+        """The blob's bytes from ``offset`` (``Range``; a 200 is skipped up to it), for a
+        fetch that continues what another source delivered (``size`` is then None)."""
+        if offset == 0:
+            async with self.open_blob(repo, digest) as blob:
+                yield blob
+            return
+        response = await self.resume_blob(repo, digest, offset)
+        try:
+            yield AiohttpUpstreamBlob(self, repo, digest, response, offset=offset)
+        finally:
+            response.release()
 
     async def resume_blob(self, repo: str, digest: Digest, offset: int) -> aiohttp.ClientResponse:
         """A response whose body continues the blob at ``offset`` (206, or 200 skipped)."""

@@ -4,8 +4,10 @@ returns data.
 
 The scenario: a cold pull, a warm pull, one blob fetched by two clients at once (one
 coalesced), an upstream 404, a lying upstream (digest mismatch), then the upstream refuses
-and a tag is served stale. The proxy runs with a real ``redis-server`` so the Redis series
-exist, and its upstream answers with Docker Hub's ``ratelimit-*`` headers.
+and a tag is served stale; a second replica fills a blob from the first over the peer
+endpoint, and an unsigned peer request is refused. The proxy runs with a real
+``redis-server`` (and as a cluster member) so the Redis and cluster series exist, and its
+upstream answers with Docker Hub's ``ratelimit-*`` headers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from tests.rig import oci
-from tests.rig.process import async_wait_until
+from tests.rig.process import async_wait_until, free_port
 from tests.rig.prometheus import PROMETHEUS_BINARY, PROMTOOL_BINARY, Prometheus
 from tests.rig.proxy_app import ProxyUnderTest, proxy_settings_mapping, serve_proxy
 from tests.rig.recording import PassThrough
@@ -191,7 +193,14 @@ async def observed_proxy(
         ],
     }
     mapping["limits"] = {"requests": "10000/s", "cold_fetches": "10000/1h"}
-    proxy = await serve_proxy(mapping)
+    # A cluster member, so the cluster row has its series; the scenario adds a peer.
+    port = free_port()
+    (tmp_path / "cluster.secret").write_text("dashboard-cluster-secret\n")
+    mapping["cluster"] = {
+        "advertise": f"127.0.0.1:{port}",
+        "secret_file": str(tmp_path / "cluster.secret"),
+    }
+    proxy = await serve_proxy(mapping, port=port)
     try:
         yield proxy
     finally:
@@ -317,6 +326,28 @@ async def run_scenario(
     status, _, _ = await get(http, f"{proxy.url}/v2/private/app/manifests/v1")
     assert status == 401
 
+    # Cluster: a second replica (own cache, same Redis) fills the solo layer from this
+    # one over the peer endpoint, with the upstream still away; an unsigned peer request
+    # is refused.
+    assert proxy.settings.redis_url is not None
+    port = free_port()
+    peer_mapping = proxy_settings_mapping(upstream.url, tmp_path / "peer-cache", tag_ttl="0")
+    peer_mapping["cache"]["redis"] = proxy.settings.redis_url
+    peer_mapping["cache"]["max_size"] = "1GiB"  # the process-wide disk limit gauge stays
+    peer_mapping["cluster"] = {
+        "advertise": f"127.0.0.1:{port}",
+        "secret_file": str(proxy.settings.cluster.secret_file),
+    }
+    peer = await serve_proxy(peer_mapping, port=port)
+    try:
+        status, _, body = await get(http, f"{peer.url}/v2/{REPO}/blobs/{layer}")
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == layer
+    finally:
+        await peer.server.stop()
+    status, _, _ = await get(http, f"{proxy.url}/_cluster/blobs/{layer}?offset=0")
+    assert status == 403
+
     # /readyz pings Redis.
     async with http.get(proxy.url + "/readyz") as response:
         assert response.status == 200
@@ -399,6 +430,10 @@ async def test_every_dashboard_expression_returns_data(
         'sum(registry_proxy_identity_usage_total{counter="requests"})': lambda v: v >= 1,
         'sum(registry_proxy_prewarm_images_total{result="ok"})': lambda v: v >= 1,
         'sum(registry_proxy_cache_state_bytes{state="recent"})': lambda v: v > 0,
+        'sum(registry_proxy_cluster_fetches_total{source="holder"})': lambda v: v >= 1,
+        'sum(registry_proxy_peer_bytes_total{direction="out"})': lambda v: v > 0,
+        'sum(registry_proxy_peer_requests_total{result="denied"})': lambda v: v >= 1,
+        'sum(registry_proxy_cluster_leases_total{result="acquired"})': lambda v: v >= 1,
     }
     wrong: list[str] = []
     for expr, check in expected.items():

@@ -79,9 +79,11 @@ async def serve_proxy(
     *,
     environ: Mapping[str, str] | None = None,
     prepare: Callable[[web.Application], None] | None = None,
+    port: int = 0,
 ) -> ProxyUnderTest:
-    """Serve ``create_app`` for a settings mapping on a free port, with the runner
-    ``proxy.app.run`` uses (the connection guard in front). ``environ`` is what
+    """Serve ``create_app`` for a settings mapping on a free port (or ``port``, for a
+    proxy that must know its address beforehand, as ``cluster.advertise`` does), with the
+    runner ``proxy.app.run`` uses (the connection guard in front). ``environ`` is what
     ``password_env`` reads (never the test process's environment when given);
     ``prepare`` may adjust the app before it starts."""
     from proxy.app import create_app, create_runner
@@ -96,6 +98,7 @@ async def serve_proxy(
         prepare(app)
     server = LoopbackServer(
         app,
+        port=port,
         runner=lambda app: create_runner(app, settings, handle_signals=False, access_log=None),
     )
     await server.start()

@@ -368,12 +368,16 @@ class PassThrough(RecordingServer):
         drop: Iterable[str] = HOP_BY_HOP,
         add_headers: Mapping[str, str] | None = None,
         cut: BodyCut | None = None,
+        to: str | None = None,
     ) -> web.StreamResponse:
-        """Relay ``request`` upstream (less the headers in ``drop``) and the answer back
-        (with ``add_headers`` set), ending the body early at ``cut``. An unreachable
-        upstream, or one that breaks mid-body, drops the client's connection."""
+        """Relay ``request`` upstream (or ``to`` another URL; less the headers in
+        ``drop``) and the answer back (with ``add_headers`` set), ending or pausing the
+        body at ``cut``. An unreachable upstream, or one that breaks mid-body, drops the
+        client's connection."""
         try:
-            upstream = await send_upstream(self.session, self.upstream_url, request, drop=drop)
+            upstream = await send_upstream(
+                self.session, to or self.upstream_url, request, drop=drop
+            )
         except aiohttp.ClientError as exc:
             return drop_connection(request, exchange, f"upstream unreachable: {exc!r}")
         async with upstream:

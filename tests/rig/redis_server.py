@@ -27,11 +27,14 @@ class RedisServer(ChildProcess):
     name = "redis-server"
     start_timeout = 10.0
 
-    def __init__(self, workdir: Path, *, binary: str = REDIS_BINARY) -> None:
+    def __init__(
+        self, workdir: Path, *, binary: str = REDIS_BINARY, replica_of: int | None = None
+    ) -> None:
         super().__init__(workdir, log_name="redis.log")
         self.binary = binary
         self.port = free_port()
         self.paused = False
+        self.replica_of = replica_of
 
     @property
     def url(self) -> str:
@@ -52,6 +55,7 @@ class RedisServer(ChildProcess):
             str(self.workdir),
             "--daemonize",
             "no",
+            *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
         ]
 
     def start(self, timeout: float | None = None) -> None:
@@ -108,3 +112,64 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+class RedisSentinel(RedisServer):
+    """``redis-server --sentinel`` watching the master on ``master_port`` as ``service``,
+    alone (quorum 1) and quick to act (down after ``down_after_ms``)."""
+
+    name = "redis-sentinel"
+
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        service: str = "mymaster",
+        down_after_ms: int = 500,
+        binary: str = REDIS_BINARY,
+    ) -> None:
+        super().__init__(workdir, binary=binary)
+        self.log_path = workdir / "sentinel.log"
+        self.service = service
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def argv(self) -> list[str]:
+        # Sentinel rewrites its configuration file: one of its own, in the work dir.
+        config = self.workdir / "sentinel.conf"
+        config.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.workdir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 3000\n"
+        )
+        return [self.binary, str(config), "--sentinel"]
+
+    def command(self, *args: str, timeout: float = 1.0) -> bytes:
+        """One inline command over a fresh connection; the raw reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(" ".join(args).encode() + b"\r\n")
+            return sock.recv(4096)
+
+    def master_port_now(self) -> int | None:
+        """The port of the master the sentinel names now (None if it cannot say)."""
+        try:
+            reply = self.command("SENTINEL", "get-master-addr-by-name", self.service)
+        except OSError:
+            return None
+        lines = reply.split(b"\r\n")
+        return int(lines[4]) if len(lines) > 4 and lines[4].isdigit() else None
+
+    def knows_replicas(self) -> bool:
+        try:
+            reply = self.command("SENTINEL", "replicas", self.service)
+        except OSError:
+            return False
+        return not reply.startswith(b"*0") and reply.startswith(b"*")

@@ -483,6 +483,40 @@ def test_shared_overlay_replicas_share_redis() -> None:
     assert by_kind(objects, "PodDisruptionBudget")
 
 
+def test_shared_overlay_replicas_form_a_cluster_and_restart_without_losing_pulls() -> None:
+    """Each replica advertises its pod IP, reads the shared secret from a mounted Secret,
+    and gets a preStop pause plus its shutdown_grace before the kubelet's SIGKILL."""
+    objects, generated = kustomize(KUBERNETES / "overlays" / "shared")
+    (deployment,) = [o for o in by_kind(objects, "Deployment") if proxy_containers(o)]
+    spec = pod_spec(deployment)
+    assert spec is not None
+    (container,) = proxy_containers(deployment)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # Kubernetes expands $(POD_IP) in a later variable's value.
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_IP") < names.index("REGISTRY_PROXY_CLUSTER_ADVERTISE")
+    assert env["REGISTRY_PROXY_CLUSTER_ADVERTISE"]["value"] == f"$(POD_IP):{PROXY_PORT}"
+    environ = {name: e["value"] for name, e in env.items() if "value" in e}
+    environ["REGISTRY_PROXY_CLUSTER_ADVERTISE"] = f"10.0.0.7:{PROXY_PORT}"
+    command = container["command"]
+    config = Path(command[command.index("--config") + 1])
+    settings = Settings.from_mapping(
+        yaml.safe_load(generated["registry-proxy"][config.name]), environ=environ
+    )
+    assert settings.cluster.enabled and settings.redis_url
+    assert settings.cluster.advertise == f"http://10.0.0.7:{PROXY_PORT}"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secret_file = settings.cluster.secret_file
+    assert secret_file is not None
+    assert "secret" in volumes[mounts[str(secret_file.parent)]]
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] > int(pause[1]) + settings.shutdown_grace
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
 def test_per_node_overlay_serves_containerd_on_each_node() -> None:
     objects, generated = kustomize(KUBERNETES / "overlays" / "per-node")
     (daemonset,) = by_kind(objects, "DaemonSet")

@@ -35,3 +35,11 @@ def test_the_readme_configuration_is_accepted() -> None:
     (upstream,) = settings.upstreams
     assert upstream.effective_visibility == "auto"
     assert upstream.passthrough_enabled
+
+
+def test_the_readme_configuration_sets_the_cluster_up() -> None:
+    settings = Settings.from_mapping(configuration_example(), environ={"DOCKERHUB_TOKEN": "x"})
+    assert settings.cluster.enabled
+    assert settings.cluster.advertise == "http://10.0.0.5:5000"
+    assert settings.cluster.lease_ttl == 10
+    assert settings.shutdown_grace == 25

@@ -594,6 +594,20 @@ TOP_LEVEL = {
     "keepalive_timeout": ("server.keepalive_timeout", "keepalive_timeout", "2m", 120.0),
     "send_timeout": ("server.send_timeout", "send_timeout", "90s", 90.0),
     "max_connections": ("server.max_connections", "max_connections", "700", 700),
+    "shutdown_grace": ("shutdown_grace", "shutdown_grace", "10s", 10.0),
+    "cluster_advertise": (
+        "cluster.advertise",
+        "cluster_advertise",
+        "10.1.2.3:5000",
+        "http://10.1.2.3:5000",
+    ),
+    "cluster_secret_file": (
+        "cluster.secret_file",
+        "cluster_secret_file",
+        "/run/secret",
+        Path("/run/secret"),
+    ),
+    "cluster_lease_ttl": ("cluster.lease_ttl", "cluster_lease_ttl", "3s", 3.0),
 }
 # Options that set a field of the upstreams: name -> (field, text, value, which upstreams)
 UPSTREAM_OPTIONS = {
@@ -677,6 +691,7 @@ def test_every_variable_of_before_still_exists_and_the_new_ones_are_named() -> N
     before |= {"TAG_TTL", "LOG_LEVEL", "LOG_FORMAT"}
     new = {"MEMORY_ENTRIES", "MIN_FREE", "HEADER_TIMEOUT", "KEEPALIVE_TIMEOUT", "SEND_TIMEOUT"}
     new |= {"MAX_CONNECTIONS"} | CACHE_MANAGEMENT_OPTIONS
+    new |= {"SHUTDOWN_GRACE", "CLUSTER_ADVERTISE", "CLUSTER_SECRET_FILE", "CLUSTER_LEASE_TTL"}
     assert names == {ENV_PREFIX + name for name in before | new}
     assert {option.flag for option in OPTIONS} == {
         "--" + name.lower().replace("_", "-") for name in before | new

@@ -660,3 +660,62 @@ async def test_wrong_bytes_in_pass_through_never_reach_a_reader_whole(
         assert len(b"".join(received)) == len(BIG_DATA) - 1
     finally:
         await fetches.close()
+
+
+class CommitWitness(FakeOpener):
+    """Records whether the blob was committed when the opener's context exited."""
+
+    def __init__(self, body: FakeBody, store: DiskBlobStore) -> None:
+        super().__init__(body)
+        self.store = store
+        self.committed_at_exit: list[bool] = []
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[UpstreamBlob]:
+        async with super()._open() as body:
+            try:
+                yield body
+            finally:
+                self.committed_at_exit.append(self.store.path(DIGEST).exists())
+
+
+async def test_the_opener_context_spans_the_commit(
+    fetches: InflightBlobFetches, store: DiskBlobStore
+) -> None:
+    """A coordinating source (proxy.cluster) learns at its context's exit whether the
+    blob was stored: it records itself as a holder then, and only then lets go."""
+    opener = CommitWitness(FakeBody(len(DATA)), store)
+    fetch, _ = fetches.join(DIGEST, opener)
+    await fetch.wait_ready()
+    opener.body.feed(*CHUNKS, END)
+    await fetch.done
+    await settled(fetches)
+    assert opener.committed_at_exit == [True]
+
+
+async def test_settle_lets_a_verified_fetch_commit_before_shutdown(
+    store: DiskBlobStore,
+) -> None:
+    descriptors = GatedDescriptors()
+    fetches = InflightBlobFetches(store, descriptors)
+    verified = FakeOpener(FakeBody(len(DATA)))
+    fetch, _ = fetches.join(DIGEST, verified)
+    await fetch.wait_ready()
+    verified.body.feed(*CHUNKS, END)
+    await descriptors.entered.wait()  # verified and renamed; recording the descriptor
+    assert fetch.verified and not fetch.done.done()
+    other = Digest.of(b"other")
+    unverified = FakeOpener(FakeBody(10))
+    pending, _ = fetches.join(other, unverified)
+    await pending.wait_ready()
+
+    await fetches.settle(0.01)  # bounded: back although the commit is still held up
+    assert not fetch.done.done()
+    settling = asyncio.create_task(fetches.settle(5.0))
+    descriptors.release.set()
+    await settling
+    assert fetch.done.done()  # settle returned only once the verified fetch had ended
+    assert fetch.done.result() == Descriptor(DIGEST, len(DATA))
+    assert not pending.done.done()  # still waiting for bytes: close() cancels it
+    await fetches.close()
+    assert store.path(DIGEST).exists() and not store.path(other).exists()

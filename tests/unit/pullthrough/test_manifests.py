@@ -7,6 +7,7 @@ DiskBlobStore; time is a clock the test moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from proxy.interfaces import ManifestSource, UpstreamManifest
+from proxy.interfaces import ManifestSource, TagEntry, UpstreamManifest
 from proxy.model import (
     MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_INDEX,
@@ -419,3 +420,131 @@ async def test_by_digest_cached_for_another_repository_is_confirmed_upstream(rig
     rig.upstream.calls.clear()
     await rig.get(digest)
     assert rig.upstream.calls == []
+
+
+# --- coordination with other processes (proxy.cluster's hooks) ---------------------------
+
+
+class FakeRevalidations:
+    """A ``TagRevalidations`` that answers what the test says and records each turn."""
+
+    def __init__(self, answer: TagEntry | None) -> None:
+        self.answer = answer
+        self.turns: list[tuple[str, str, str]] = []
+        self.inside = False
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, upstream: str, repo: str, tag: str, seen: TagEntry
+    ) -> AsyncIterator[TagEntry | None]:
+        self.turns.append((upstream, repo, tag))
+        self.inside = True
+        try:
+            yield self.answer
+        finally:
+            self.inside = False
+
+
+class FakeBodies:
+    def __init__(self) -> None:
+        self.bodies: dict[Digest, tuple[str, bytes]] = {}
+
+    async def get(self, digest: Digest) -> tuple[str, bytes] | None:
+        return self.bodies.get(digest)
+
+    async def put(self, digest: Digest, media_type: str, body: bytes) -> None:
+        self.bodies[digest] = (media_type, body)
+
+
+def coordinated_rig(
+    tmp_path: Path, revalidations: FakeRevalidations | None, bodies: FakeBodies | None
+) -> tuple[Rig, MemoryTagStore, MemoryLinkStore]:
+    disk = DiskBlobStore(tmp_path / "cache")
+    disk.open_store()
+    store = ManifestStore(disk)
+    tags, links = MemoryTagStore(100), MemoryLinkStore(100)
+    upstream, clock = FakeUpstream(), Clock()
+    service = ProxyManifestService(
+        UpstreamSettings(name="fake", url="http://127.0.0.1:1", tag_ttl=TTL),
+        upstream,
+        store,
+        tags,
+        links,
+        clock=clock,
+        revalidations=revalidations,
+        bodies=bodies,
+    )
+    return Rig(service, upstream, clock, store), tags, links
+
+
+async def test_a_tag_another_process_revalidated_costs_no_head(tmp_path: Path) -> None:
+    turns = FakeRevalidations(None)
+    rig, _, _ = coordinated_rig(tmp_path, turns, None)
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+    rig.clock.now += TTL + 1
+    # The other process found the tag unchanged: its entry is what the turn yields.
+    turns.answer = TagEntry(Digest.of(V1), MEDIA_TYPE_OCI_MANIFEST, len(V1), rig.clock.now)
+    result = await rig.get("v1")
+    assert result.manifest.body == V1
+    assert result.outcome == Outcome.REVALIDATED
+    assert rig.upstream.calls == []
+    assert turns.turns == [("fake", REPO, "v1")]
+    await rig.service.close()
+
+
+async def test_holding_the_turn_the_process_sends_the_head_inside_it(tmp_path: Path) -> None:
+    turns = FakeRevalidations(None)
+    rig, _, _ = coordinated_rig(tmp_path, turns, None)
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    rig.upstream.calls.clear()
+    rig.clock.now += TTL + 1
+    seen_inside: list[bool] = []
+    original = rig.upstream.get_manifest
+
+    async def spying(repo: str, ref: str, accept: str | None, *, head: bool = False) -> Any:
+        seen_inside.append(turns.inside)
+        return await original(repo, ref, accept, head=head)
+
+    rig.upstream.get_manifest = spying  # type: ignore[method-assign]
+    result = await rig.get("v1")
+    assert result.outcome == Outcome.REVALIDATED
+    assert rig.upstream.methods() == ["HEAD"]
+    assert seen_inside == [True]  # the others wait until the result is recorded
+    await rig.service.close()
+
+
+async def test_a_new_digest_from_another_process_comes_from_the_shared_bodies(
+    tmp_path: Path,
+) -> None:
+    turns, bodies = FakeRevalidations(None), FakeBodies()
+    rig, _, links = coordinated_rig(tmp_path, turns, bodies)
+    rig.upstream.tag("v1", (MEDIA_TYPE_OCI_MANIFEST, V1))
+    await rig.get("v1")
+    assert Digest.of(V1) in bodies.bodies  # what this process fetched, it shares
+    # Another process revalidated: the tag moved to V2, whose body it shared, and the
+    # repository's link to it is known.
+    rig.upstream.calls.clear()
+    rig.clock.now += TTL + 1
+    await bodies.put(Digest.of(V2), MEDIA_TYPE_OCI_MANIFEST, V2)
+    await links.link("fake", REPO, [Digest.of(V2)])
+    turns.answer = TagEntry(Digest.of(V2), MEDIA_TYPE_OCI_MANIFEST, len(V2), rig.clock.now)
+    result = await rig.get("v1")
+    assert result.manifest.body == V2
+    assert rig.upstream.calls == []
+    await rig.service.close()
+
+
+async def test_a_shared_body_is_not_used_for_a_repository_not_known_to_hold_it(
+    tmp_path: Path,
+) -> None:
+    bodies = FakeBodies()
+    rig, _, _ = coordinated_rig(tmp_path, None, bodies)
+    rig.upstream.tag("v2", (MEDIA_TYPE_OCI_MANIFEST, V2))
+    await bodies.put(Digest.of(V2), MEDIA_TYPE_OCI_MANIFEST, V2)
+    result = await rig.get(str(Digest.of(V2)))
+    assert result.manifest.body == V2
+    assert rig.upstream.calls == [Call("GET", REPO, str(Digest.of(V2)), None)]
+    await rig.service.close()
