@@ -24,7 +24,6 @@ from typing import Any
 
 import aiohttp
 
-from proxy.errors import RegistryError
 from proxy.settings import Settings
 
 PASSWORD_ENV = "REGISTRY_PROXY_ADMIN_PASSWORD"
@@ -352,27 +351,11 @@ async def _prewarm_local(
     platforms: list[str] | None,
     view: ProgressView,
 ) -> list[str]:
-    from proxy.pullthrough.warm import Warmer, split_reference
+    from proxy.pullthrough.warm import Warmer, warm_refs
     from proxy.routing import Router
 
-    router = Router(settings.upstreams)
-    warmer = Warmer(registry)
     wanted = None if platforms is None else set(platforms)
-    failed = []
-    for ref in refs:
-        name, reference = split_reference(ref)
-        try:
-            route = router.route(name, None)
-        except RegistryError as exc:
-            view.event({"event": "done", "name": ref, "error": exc.message})
-            failed.append(ref)
-            continue
-        warmed = await warmer.warm(
-            route.upstream, route.repo, reference, name=ref, platforms=wanted, on_event=view.event
-        )
-        if warmed.error is not None:
-            failed.append(ref)
-    return failed
+    return await warm_refs(Warmer(registry), Router(settings.upstreams), refs, wanted, view.event)
 
 
 async def _prewarm_remote(

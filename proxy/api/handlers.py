@@ -29,7 +29,7 @@ from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
 from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Outcome, Reference
 from proxy.pullthrough.operations import CacheOperations
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
-from proxy.pullthrough.warm import PinRefresher, Warmer, split_reference
+from proxy.pullthrough.warm import PinRefresher, Warmer, warm_refs
 from proxy.routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -483,30 +483,10 @@ async def admin_cache_prewarm(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     events: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
-    router = request.app[ROUTER_KEY]
     warmer = Warmer(request.app[REGISTRY_KEY])
 
     async def run() -> list[str]:
-        failed = []
-        for ref in refs:
-            name, reference = split_reference(ref)
-            try:
-                route = router.route(name, None)
-            except RegistryError as exc:
-                events.put_nowait({"event": "done", "name": ref, "error": exc.message})
-                failed.append(ref)
-                continue
-            warmed = await warmer.warm(
-                route.upstream,
-                route.repo,
-                reference,
-                name=ref,
-                platforms=wanted,
-                on_event=events.put_nowait,
-            )
-            if warmed.error is not None:
-                failed.append(ref)
-        return failed
+        return await warm_refs(warmer, request.app[ROUTER_KEY], refs, wanted, events.put_nowait)
 
     # The work belongs to the request: a client that hangs up stops it (fetches already
     # started are the application's and finish on their own, as for any client).

@@ -35,6 +35,7 @@ from proxy.model import (
     Reference,
 )
 from proxy.pullthrough.registry import PullThroughRegistry
+from proxy.routing import Router
 from proxy.settings import UpstreamSettings
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,33 @@ def split_reference(text: str) -> tuple[str, str]:
     if colon and "/" not in tag:
         return head, tag
     return name, "latest"
+
+
+async def warm_refs(
+    warmer: Warmer,
+    router: Router,
+    refs: list[str],
+    platforms: set[str] | None,
+    on_event: Callable[[dict[str, Any]], None],
+) -> list[str]:
+    """Warm each of ``refs`` (client-side names, routed as a pull would be), telling
+    ``on_event`` as it goes; the refs that failed. The admin endpoint and the CLI on a
+    stopped directory both run this."""
+    failed = []
+    for ref in refs:
+        name, reference = split_reference(ref)
+        try:
+            route = router.route(name, None)
+        except RegistryError as exc:
+            on_event({"event": "done", "name": ref, "error": exc.message})
+            failed.append(ref)
+            continue
+        warmed = await warmer.warm(
+            route.upstream, route.repo, reference, name=ref, platforms=platforms, on_event=on_event
+        )
+        if warmed.error is not None:
+            failed.append(ref)
+    return failed
 
 
 class PinRefresher:
