@@ -5,6 +5,8 @@ with ``redis-cli --cluster create``), ``cache.redis: redis+cluster://...`` on tw
 ``registry-proxy serve`` replicas, a docker-registry upstream behind a counting
 pass-through, skopeo pulling through a round-robin balancer:
 
+- every Redis-backed service (descriptors, tags, links, leases, holders) works on keys
+  in many slots: nothing sends a transaction or script over two of them (CROSSSLOT);
 - cold pulls: one upstream GET per blob, the keys spread over the nodes; warm pulls: no
   upstream request; no Redis operation failed on the way (nothing fell back silently);
 - the access-control quotas (the GCRA Lua script) are shared through the cluster;
@@ -16,12 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
+from proxy.cache.redis import (
+    RedisDescriptorCache,
+    RedisLayer,
+    RedisLinkStore,
+    RedisTagStore,
+    connect,
+)
+from proxy.cluster.leases import LeaseHolder, RedisHolders, RedisLeases
+from proxy.interfaces import TagEntry
+from proxy.model import Descriptor, Digest
 from tests.rig.cluster import Replica, Replicas, RoundRobin
 from tests.rig.process import async_wait_until
 from tests.rig.recording import PassThrough
@@ -53,6 +68,61 @@ async def balanced(replicas: Replicas) -> AsyncIterator[RoundRobin]:
 
 async def redis_results(http: aiohttp.ClientSession, replica: Replica, result: str) -> float:
     return (await scrape(http, replica.url)).value(OPERATIONS, result=result)
+
+
+def redis_errors_here() -> float:
+    """Redis operations that failed in this process (the test's own layer)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == OPERATIONS and sample.labels.get("result") == "error"
+    )
+
+
+async def test_the_redis_services_work_on_keys_in_many_slots(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    digests = [Digest("sha256", hashlib.sha256(str(i).encode()).hexdigest()) for i in range(24)]
+    layer = RedisLayer(connect(redis_cluster.url))
+    errors_before = redis_errors_here()
+    try:
+        blobs, tags, links = (
+            RedisDescriptorCache(layer),
+            RedisTagStore(layer),
+            RedisLinkStore(layer),
+        )
+        for digest in digests:
+            await blobs.set_descriptor(digest, Descriptor(digest, 7, "application/x"))
+        assert (await blobs.stat(digests[5])).size == 7
+        await links.link("up", "team/app", digests)  # one pipeline over many slots
+        assert all([await links.linked("up", "team/app", d) for d in digests])
+        await links.unlink("up", "team/app", digests)  # one DEL per slot
+        assert not any([await links.linked("up", "team/app", d) for d in digests])
+        entry = TagEntry(digests[0], "application/x", 7, time.time())
+        await tags.set("up", "team/app", "v1", entry)
+        assert await tags.get("up", "team/app", "v1") == entry
+        await tags.delete("up", "team/app", "v1", digests[1])  # WATCH: names another
+        assert await tags.get("up", "team/app", "v1") == entry
+        await tags.delete("up", "team/app", "v1", digests[0])
+        assert await tags.get("up", "team/app", "v1") is None
+        leases, holders = RedisLeases(layer, 5.0), RedisHolders(layer)
+        me = LeaseHolder("node-a", "127.0.0.1:1", "up", "team/app")
+        other = LeaseHolder("node-b", "127.0.0.1:2", "up", "team/app")
+        for digest in digests[:8]:
+            key = leases.blob_key(digest)
+            assert await leases.acquire(key, me) == me
+            assert await leases.acquire(key, other) == me  # held: follow it
+            assert await leases.renew(key, me) is True
+            await leases.release(key, me)
+            assert await leases.acquire(key, other, replacing=me) == other
+            await holders.add(digest, me.address, me.origin)
+            assert await holders.get(digest) == {me.address: me.origin}
+        # Nothing above failed (a failure would read as a miss, or be ignored).
+        assert redis_errors_here() == errors_before
+        assert sum(1 for node in redis_cluster if node.dbsize() > 0) == 3
+    finally:
+        await layer.close()
 
 
 async def test_cold_and_warm_pulls_through_2_replicas_on_a_redis_cluster(
