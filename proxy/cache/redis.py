@@ -108,7 +108,9 @@ def _cluster(url: str, timeout: float) -> RedisCluster:
         password=parsed.password,
         ssl=parsed.tls,
         # Use the slots that are served while some are not (a node down): the keys on
-        # the others keep working; those on the missing node fail, and are counted.
+        # the other nodes keep working, if the cluster allows it (its own default,
+        # cluster-require-full-coverage yes, refuses all); those on the missing node
+        # fail, and are counted.
         require_full_coverage=False,
         retry=Retry(NoBackoff(), 0),
         max_connections=MAX_CONNECTIONS,
