@@ -237,6 +237,27 @@ def parse_upstream_url(value: object, key: str) -> str:
 
 SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+DEFAULT_REDIS_PORT = 6379
+
+
+def _host_list(hosts: str, default_port: int, what: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port][,host[:port]...]`` (``[v6]:port`` too); ValueError naming ``what``."""
+    found: list[tuple[str, int]] = []
+    for item in (i.strip() for i in hosts.split(",")):
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":") if rest else str(default_port)
+            bad = not rest.startswith(":") and rest != ""
+        else:
+            host, colon, port = item.rpartition(":")
+            if not colon:
+                host, port = item, str(default_port)
+            bad = ":" in host  # an IPv6 address goes in brackets
+        if bad or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad {what} address {item!r}")
+        found.append((host, int(port)))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -256,30 +277,63 @@ class SentinelUrl:
             raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
         credentials, _, hosts = parts.netloc.rpartition("@")
         password = unquote(credentials.partition(":")[2]) if credentials else None
-        sentinels: list[tuple[str, int]] = []
-        for item in hosts.split(","):
-            host, colon, port = item.strip().rpartition(":")
-            if not colon:
-                host, port = item.strip(), str(DEFAULT_SENTINEL_PORT)
-            if not host or not port.isdigit():
-                raise ValueError(f"bad sentinel address {item!r}")
-            sentinels.append((host.strip("[]"), int(port)))
+        sentinels = _host_list(hosts, DEFAULT_SENTINEL_PORT, "sentinel")
         path = [p for p in parts.path.split("/") if p]
         if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise ValueError("expected /<service name>[/<db>] after the sentinels")
-        return cls(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password)
+        return cls(sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password)
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/]``: the startup
+    nodes of a Redis Cluster (any few of its nodes; the client learns the rest from
+    them); ``rediss+cluster://`` for TLS. A cluster has one database, 0."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl:
+        """Raises ValueError naming what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise ValueError("expected a redis+cluster:// or rediss+cluster:// URL")
+        credentials, at, hosts = parts.netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        nodes = _host_list(hosts, DEFAULT_REDIS_PORT, "cluster node")
+        if parts.path not in ("", "/", "/0") or parts.query or parts.fragment:
+            raise ValueError("a cluster URL has no /<db> but /0, no query, no fragment")
+        return cls(nodes, username, password, parts.scheme == "rediss+cluster")
 
 
 def parse_redis_url(value: object, key: str) -> str:
-    schemes = ("redis", "rediss", "unix", "redis+sentinel")
+    schemes = ("redis", "rediss", "unix", SENTINEL_SCHEME, *CLUSTER_SCHEMES)
     if not isinstance(value, str) or urlsplit(value).scheme not in schemes:
-        raise ConfigError(key, "expected a redis://, rediss://, unix:// or redis+sentinel:// URL")
-    if value.startswith("redis+sentinel:"):
-        # The one format redis-py does not parse itself: checked here, at start-up.
-        try:
+        raise ConfigError(
+            key,
+            "expected a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL",
+        )
+    # The formats redis-py does not parse itself: checked here, at start-up.
+    scheme = urlsplit(value).scheme
+    try:
+        if scheme == SENTINEL_SCHEME:
             SentinelUrl.parse(value)
-        except ValueError as exc:
-            raise ConfigError(key, f"{exc} (redis+sentinel://host:port,.../service/db)") from None
+        elif scheme in CLUSTER_SCHEMES:
+            ClusterUrl.parse(value)
+    except ValueError as exc:
+        example = (
+            "redis+sentinel://host:port,.../service/db"
+            if scheme == SENTINEL_SCHEME
+            else "redis+cluster://host:port,host:port,.../"
+        )
+        raise ConfigError(key, f"{exc} ({example})") from None
     return value
 
 

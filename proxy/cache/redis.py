@@ -8,9 +8,12 @@ layout so a change of it never misreads old data)::
     <p>:v1:link:<upstream>:<repo>:<alg>:<hex>  "1"                   EX link_ttl
 
 Repository and upstream names are validated by the spec's grammar (no ``:``), so keys
-cannot collide. Every look-up is one round trip (HGETALL, or one pipeline); every write is
-one MULTI/EXEC transaction that sets the value and its TTL together; every key has a
-TTL, so nothing grows without bound.
+cannot collide. Every look-up is one round trip (HGETALL, or one pipeline); every write of
+a hash is one MULTI/EXEC transaction on that one key that sets the value and its TTL
+together (a string gets both in one SET ... EX); every key has a TTL, so nothing grows
+without bound. No transaction or script touches two keys, so every key may live on a
+different node of a Redis Cluster: the layout has no hash tags and is the same for a
+single server, a sentinel-managed one and a cluster.
 
 The layer is advisory. A Redis error is counted, logged at most once per interval, and
 reported to the caller as a miss (look-ups) or ignored (writes). After
@@ -28,10 +31,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisClusterException, RedisError, WatchError
 from redis.typing import EncodableT, FieldT
 
 from proxy import metrics
@@ -39,7 +43,7 @@ from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.errors import BlobUnknown, RegistryError
 from proxy.interfaces import BlobDescriptorService, LinkService, TagEntry, TagService
 from proxy.model import Descriptor, Digest
-from proxy.settings import SENTINEL_SCHEME, SentinelUrl
+from proxy.settings import CLUSTER_SCHEMES, SENTINEL_SCHEME, ClusterUrl, SentinelUrl
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +58,64 @@ DEFAULT_TAG_RETENTION = 8 * 86400
 BREAKER_FAILURES = 3
 BREAKER_COOLDOWN = 5.0
 LOG_INTERVAL = 30.0
+MAX_CONNECTIONS = 64
+"""Per server: the one server, the sentinels' master, or each node of a cluster."""
+
+RedisClient = aioredis.Redis | RedisCluster
+"""What the Redis-backed services are given; both speak the same commands for one key."""
+
+ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,  # ConnectionError, TimeoutError, ResponseError, ClusterDownError, ...
+    RedisClusterException,  # not a RedisError: no node reachable, slot not covered, ...
+    OSError,
+    TimeoutError,
+)
+"""What a Redis call may raise when Redis, or a part of it, is unusable."""
 
 
-def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> aioredis.Redis:
+def connect(url: str, *, timeout: float = DEFAULT_SOCKET_TIMEOUT) -> RedisClient:
     """A client with short timeouts and no retries of its own: the breaker decides.
 
     ``redis+sentinel://[:password@]host[:port][,host[:port]...]/<service>[/<db>]`` asks
     the sentinels for the service's master (redis-py's ``Sentinel``) and asks again after
     a failover: a connection to a demoted or dead master fails, the breaker counts it,
-    and the next connection goes to the master the sentinels name then."""
-    if urlsplit(url).scheme == SENTINEL_SCHEME:
+    and the next connection goes to the master the sentinels name then.
+
+    ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]/`` is a Redis
+    Cluster (redis-py's ``RedisCluster``): the startup nodes tell it the others and the
+    slot map; each command goes to the node owning its key's slot, and after a node
+    fails the client learns the new map from the nodes left."""
+    scheme = urlsplit(url).scheme
+    if scheme == SENTINEL_SCHEME:
         return _sentinel_master(url, timeout)
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster(url, timeout)
     return aioredis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
-        max_connections=64,
+        max_connections=MAX_CONNECTIONS,
+    )
+
+
+def _cluster(url: str, timeout: float) -> RedisCluster:
+    parsed = ClusterUrl.parse(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        username=parsed.username,
+        password=parsed.password,
+        ssl=parsed.tls,
+        # Use the slots that are served while some are not (a node down): the keys on
+        # the other nodes keep working, if the cluster allows it (its own default,
+        # cluster-require-full-coverage yes, refuses all); those on the missing node
+        # fail, and are counted.
+        require_full_coverage=False,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=MAX_CONNECTIONS,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
 
 
@@ -87,7 +131,7 @@ def _sentinel_master(url: str, timeout: float) -> aioredis.Redis:
         password=parsed.password,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
-        max_connections=64,
+        max_connections=MAX_CONNECTIONS,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
     )
@@ -126,7 +170,7 @@ class RedisLayer:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         breaker: Breaker | None = None,
@@ -149,7 +193,7 @@ class RedisLayer:
         started = time.perf_counter()
         try:
             result = await call()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except ERRORS as exc:
             self.breaker.failure()
             metrics.REDIS_OPERATIONS.labels(op, "error").inc()
             now = self._clock()
@@ -177,9 +221,10 @@ class RedisLayer:
         return bool(await self.run("ping", self.client.ping))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose()  # a cluster's: every node's connections
         # A sentinel-backed client also holds one client per sentinel.
-        manager = getattr(self.client.connection_pool, "sentinel_manager", None)
+        pool = getattr(self.client, "connection_pool", None)  # a cluster has none
+        manager = getattr(pool, "sentinel_manager", None)
         for sentinel in getattr(manager, "sentinels", ()):
             await sentinel.aclose()
 
@@ -283,7 +328,10 @@ class RedisLinkStore(LinkService):
             return
 
         async def write() -> None:
-            async with self._layer.client.pipeline(transaction=True) as pipe:
+            # Not a transaction: the links are independent facts, each SET carries its
+            # TTL, and in a cluster their keys are in different slots (a MULTI across
+            # slots is refused). Still one round trip per server.
+            async with self._layer.client.pipeline(transaction=False) as pipe:
                 for digest in digests:
                     pipe.set(self._key(upstream, repo, digest), b"1", ex=self._ttl)
                 await pipe.execute()

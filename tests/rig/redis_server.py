@@ -4,6 +4,11 @@ No persistence (``--save "" --appendonly no``), its own ``--dir``. ``stop()`` th
 ``start()`` brings it back, empty, on the same port; ``kill()`` is SIGKILL (a crash);
 ``pause()``/``resume()`` are SIGSTOP/SIGCONT (a hung server: the kernel accepts
 connections, nothing is answered). Ready means it answers an inline PING.
+
+:class:`RedisSentinel` is ``redis-server --sentinel`` watching one master.
+:class:`RedisClusterNodes` is a Redis Cluster of N masters (no replicas), each a
+:class:`RedisClusterNode` (``--cluster-enabled yes``), formed with
+``redis-cli --cluster create`` and ready when every node says ``cluster_state:ok``.
 """
 
 from __future__ import annotations
@@ -11,14 +16,19 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Self
 
+import redis
 import redis.asyncio as aioredis
 
-from .process import STOP_TIMEOUT, ChildProcess, free_port
+from .process import STOP_TIMEOUT, ChildProcess, NotReady, free_port, wait_until
 
 REDIS_BINARY = "/usr/bin/redis-server"
+REDIS_CLI_BINARY = "/usr/bin/redis-cli"
+CLUSTER_NODE_TIMEOUT_MS = 1000
 
 
 class RedisServer(ChildProcess):
@@ -173,3 +183,145 @@ class RedisSentinel(RedisServer):
         except OSError:
             return False
         return not reply.startswith(b"*0") and reply.startswith(b"*")
+
+
+class RedisClusterNode(RedisServer):
+    """One master of a Redis Cluster; its ``nodes.conf`` (its identity and slots) is kept
+    in its work dir, so a node stopped or killed and started again rejoins as itself.
+    Its cluster bus gets a free port of its own (by default it would be the port plus
+    10000, which may be taken, or past 65535)."""
+
+    name = "redis-cluster-node"
+
+    def __init__(self, workdir: Path, *, binary: str = REDIS_BINARY, node_timeout_ms: int) -> None:
+        super().__init__(workdir, binary=binary)
+        self.node_timeout_ms = node_timeout_ms
+        self.bus_port = free_port()
+
+    def argv(self) -> list[str]:
+        return [
+            *super().argv(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.workdir / "nodes.conf"),
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+        ]
+
+    def cluster_info(self) -> dict[str, str]:
+        """``CLUSTER INFO`` as a mapping ({} when the node does not answer)."""
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            info = client.execute_command("CLUSTER INFO")
+        except (redis.RedisError, OSError):
+            return {}
+        finally:
+            client.close()
+        return {str(k): str(v) for k, v in info.items()}
+
+    def dbsize(self) -> int:
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return int(client.dbsize())
+        finally:
+            client.close()
+
+
+class RedisClusterNodes:
+    """``count`` masters on free loopback ports forming one cluster (every slot served,
+    no replicas: a node killed leaves its slots unserved, and after ``node_timeout_ms``
+    the cluster refuses every command until it is back). Stopped by PID."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        count: int = 3,
+        *,
+        binary: str = REDIS_BINARY,
+        cli: str = REDIS_CLI_BINARY,
+        node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS,
+    ) -> None:
+        self.cli = cli
+        self.nodes = [
+            RedisClusterNode(workdir / f"node-{i}", binary=binary, node_timeout_ms=node_timeout_ms)
+            for i in range(count)
+        ]
+        for i, node in enumerate(self.nodes):
+            node.name = f"redis-cluster-node-{i}"
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[RedisClusterNode]:
+        return iter(self.nodes)
+
+    def __getitem__(self, index: int) -> RedisClusterNode:
+        return self.nodes[index]
+
+    @property
+    def url(self) -> str:
+        """Every node as a startup node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/"
+
+    def start(self) -> None:
+        taken: set[int] = set()
+        for node in self.nodes:
+            self._start_node(node, taken)
+        argv = [
+            self.cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise NotReady(f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
+        self.wait_ok()
+
+    @staticmethod
+    def _start_node(node: RedisClusterNode, taken: set[int], attempts: int = 3) -> None:
+        """Start a node on ports no other node has; new ones if they were taken meanwhile
+        (a free port is only free until someone binds it; a node needs two)."""
+        for attempt in range(attempts):
+            while {node.port, node.bus_port} & taken or node.port == node.bus_port:
+                node.port, node.bus_port = free_port(), free_port()
+            try:
+                node.start()
+            except NotReady:
+                if attempt + 1 == attempts or "Address already in use" not in node.log_tail():
+                    raise
+                taken |= {node.port, node.bus_port}  # not ours to use: pick others
+                continue
+            taken |= {node.port, node.bus_port}
+            return
+
+    def ok(self) -> bool:
+        """Every node running and saying ``cluster_state:ok``, with every slot assigned."""
+        for node in self.nodes:
+            if not node.running:
+                return False
+            info = node.cluster_info()
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+        return True
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        wait_until(self.ok, within=within, what="the redis cluster to be ok", interval=0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -19,7 +19,9 @@ from proxy.settings import (
     DEFAULT_UPSTREAM_URL,
     ENV_PREFIX,
     OPTIONS,
+    ClusterUrl,
     ConfigError,
+    SentinelUrl,
     Settings,
     UpstreamSettings,
     load_settings,
@@ -550,6 +552,91 @@ def test_redis_password_is_not_in_repr() -> None:
         {"cache": {"redis": f"redis://:{SECRET}@redis.internal:6379/0"}}, environ={}
     )
     assert SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "username", "password", "tls"),
+    [
+        ("redis+cluster://10.0.0.1:7000/", (("10.0.0.1", 7000),), None, None, False),
+        (
+            "redis+cluster://:p%40ss@a:7000,b,[fd00::1]:7001",
+            (("a", 7000), ("b", 6379), ("fd00::1", 7001)),
+            None,
+            "p@ss",
+            False,
+        ),
+        ("rediss+cluster://me:pw@a:7000/0", (("a", 7000),), "me", "pw", True),
+    ],
+)
+def test_cluster_urls_name_their_startup_nodes(
+    url: str,
+    nodes: tuple[tuple[str, int], ...],
+    username: str | None,
+    password: str | None,
+    tls: bool,
+) -> None:
+    assert ClusterUrl.parse(url) == ClusterUrl(nodes, username, password, tls)
+    assert Settings.from_mapping({"cache": {"redis": url}}, environ={}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "wrong"),
+    [
+        ("redis+cluster://", "bad cluster node address ''"),
+        ("redis+cluster://a:7000,,b", "bad cluster node address ''"),
+        ("redis+cluster://a:port/", "bad cluster node address 'a:port'"),
+        ("redis+cluster://a:70000/", "bad cluster node address 'a:70000'"),
+        ("redis+cluster://fd00::1/", "bad cluster node address 'fd00::1'"),
+        ("redis+cluster://a:7000/1", "no /<db>"),  # a cluster has one database
+        ("redis+cluster://a:7000/?db=1", "no query"),
+    ],
+)
+def test_bad_cluster_urls_fail_at_start_up_naming_the_key(url: str, wrong: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"cache": {"redis": url}}, environ={})
+    assert info.value.key == "cache.redis"
+    assert wrong in str(info.value)
+    assert "redis+cluster://host:port" in str(info.value)  # the form, as an example
+
+
+def test_sentinel_urls_name_their_sentinels_service_and_db() -> None:
+    parsed = SentinelUrl.parse("redis+sentinel://:pw@s1,s2:26380,[fd00::1]:26381/mymaster/2")
+    assert parsed == SentinelUrl(
+        (("s1", 26379), ("s2", 26380), ("fd00::1", 26381)), "mymaster", 2, "pw"
+    )
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"cache": {"redis": "redis+sentinel://s1:x/m"}}, environ={})
+    assert info.value.key == "cache.redis"
+    assert "bad sentinel address 's1:x'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"redis+cluster://:{SECRET}@a:7000,b:7001/",
+            "redis+cluster://:<redacted>@a:7000,b:7001/",
+        ),
+        (
+            f"rediss+cluster://me:{SECRET}@a:7000,[fd00::1]:7001",
+            "rediss+cluster://me:<redacted>@a:7000,[fd00::1]:7001",
+        ),
+        (
+            f"redis+sentinel://:{SECRET}@s1:26379,s2/mymaster/0",
+            "redis+sentinel://:<redacted>@s1:26379,s2/mymaster/0",
+        ),
+    ],
+)
+def test_cluster_and_sentinel_passwords_are_redacted(
+    url: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings.from_mapping({"cache": {"redis": url}}, environ={})
+    assert settings.to_dict()["cache"]["redis"] == shown
+    assert SECRET not in repr(settings)
+    assert main(["check-config", "--redis", url]) == 0
+    printed = capsys.readouterr()
+    assert SECRET not in printed.out + printed.err
+    assert shown in printed.out
 
 
 def test_to_dict_round_trips_through_from_mapping(tmp_path: Path) -> None:
