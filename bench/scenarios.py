@@ -1,4 +1,4 @@
-"""The scenarios: each runs against the four targets in turn and records what it measured.
+"""The scenarios: each runs against every target in turn and records what it measured.
 
 The order of the targets rotates from one scenario or repetition to the next, so drift on
 the machine hits all alike. Upstream traffic is read from the upstream's access log
@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -24,21 +23,15 @@ from bench.config import Config
 from bench.images import Image, Pusher, mib
 from bench.procstats import Monitor, ProcessStats
 from bench.results import Results
+from bench.servers import Served as Target
 from bench.servers import Stack
 from tests.rig import oci
-from tests.rig.process import LoopbackAddress, free_port
+from tests.rig.process import free_port
 from tests.rig.skopeo import Skopeo, SkopeoError
 
 MiB = 1 << 20
 ACCEPT = {"Accept": oci.OCI_MANIFEST}
 PULL_TIMEOUT = 600.0
-
-
-@dataclass
-class Target:
-    name: str
-    server: LoopbackAddress
-    process: str  # name of the monitored process that does the serving
 
 
 def rotated(targets: list[Target], k: int) -> list[Target]:
@@ -53,12 +46,7 @@ class Scenarios:
         self.config = config
         self.workdir = workdir
         self.stack = stack
-        self.targets = [
-            Target("direct", stack.upstream, "upstream"),
-            Target("peer", stack.peer, "peer"),
-            Target("proxy", stack.proxy, "proxy"),
-            Target("proxy+redis", stack.proxy_redis, "proxy+redis"),
-        ]
+        self.targets: list[Target] = []
         self.monitor = Monitor()
         self.results = Results()
         self.skopeo = Skopeo(workdir / "skopeo")
@@ -69,7 +57,13 @@ class Scenarios:
         self.started = time.monotonic()
 
     def watch(self, pids: dict[str, int]) -> None:
-        """Start monitoring the servers (name -> PID) once they run."""
+        """Start monitoring the servers (name -> PID) once they run; the targets are the
+        servers that started."""
+        self.targets = self.stack.targets()
+        self.results.targets = tuple(t.name for t in self.targets)
+        for name, reason in self.stack.skipped.items():
+            self.results.notes.append(f"{name} skipped: {reason}")
+            self.say(f"{name} SKIPPED: {reason}")
         for name, pid in pids.items():
             self.monitor.add(name, pid)
         self.monitor.start()
@@ -213,14 +207,19 @@ class Scenarios:
                     f"{n} concurrent cold pulls, {target.name}: {errors.count(error)} of {n} "
                     f"skopeo pulls failed: {error}"
                 )
+            gets = window.blob_gets()
+            per_blob = [gets.get(b.digest, 0) for b in image.blobs]
             self.results.add("conc_bytes", target.name, window.bytes / image.size)
             self.results.add("conc_requests", target.name, window.requests)
+            self.results.add("conc_blob_gets_max", target.name, max(per_blob))
+            self.results.add("conc_blob_gets_min", target.name, min(per_blob))
             self.results.add("conc_rss", target.name, phase.peak_rss / MiB)
+            self.results.add("conc_rss_each", target.name, phase.peak_rss_each / MiB)
             self.results.detail("conc", target.name, window.methods())
             self.say(
                 f"{n}x cold pull {rep} {target.name}: {wall:.2f}s, peak RSS "
                 f"{phase.peak_rss / MiB:.0f} MiB, upstream "
-                f"{window.bytes / image.size:.2f}x image size"
+                f"{window.bytes / image.size:.2f}x image size, GETs per blob {per_blob}"
             )
 
     async def wrk_scenario(
@@ -284,11 +283,17 @@ class Scenarios:
                 self.results.add(f"{key}_{state}_wall", target.name, wall)
                 self.results.add(f"{key}_{state}_mibs", target.name, layer.size / MiB / wall)
                 self.results.add(f"{key}_{state}_rss", target.name, phase.peak_rss / MiB)
+                self.results.add(f"{key}_{state}_rss_each", target.name, phase.peak_rss_each / MiB)
                 self.results.add(f"{key}_{state}_cpu", target.name, phase.cpu)
                 self.results.add(f"{key}_{state}_upbytes", target.name, window.bytes / layer.size)
+                each = (
+                    f" ({phase.processes} processes, largest {phase.peak_rss_each / MiB:.0f})"
+                    if phase.processes > 1
+                    else ""
+                )
                 self.say(
                     f"{key} {state} GET {target.name}: {wall:.2f}s, peak RSS "
-                    f"{phase.peak_rss / MiB:.0f} MiB, cpu {phase.cpu:.2f}s, upstream "
+                    f"{phase.peak_rss / MiB:.0f} MiB{each}, cpu {phase.cpu:.2f}s, upstream "
                     f"{window.bytes / layer.size:.2f}x"
                 )
 
