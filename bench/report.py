@@ -79,6 +79,8 @@ def goals_table(goals: list[Goal], targets: tuple[str, ...]) -> str:
         "| " + " | ".join(["---", "---"] + ["---:"] * len(ours)) + " |",
     ]
     for goal in goals:
+        if all(goal.cell(n) == "-" for n in ours):
+            continue  # a scenario this run left out
         cells = [goal.label, goal.target, *(goal.cell(n) for n in ours)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

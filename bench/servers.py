@@ -38,8 +38,9 @@ from tests.rig.process import ChildProcess, LoopbackAddress, NotReady, free_port
 from tests.rig.redis_server import RedisServer
 from tests.rig.registry import Registry, proxy_section
 
-# Servers get longer to start than in the tests: the bench machine is busy by design.
-START_TIMEOUT = 20.0
+# Servers get longer to start than in the tests: the bench machine is busy by design
+# (a deadline, not a wait: a server that is up sooner is used sooner).
+START_TIMEOUT = 60.0
 # The upstream's and the peer's application log level: warn, so no per-request line
 # besides the access log (which favours the peer; its access log stays on, as ours does).
 REGISTRY_LOG_LEVEL = "warn"
