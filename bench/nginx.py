@@ -128,7 +128,8 @@ http {{
 
 
 def nginx_version(binary: str = NGINX_BINARY) -> str:
-    return binary_version([binary, "-v"])
+    """``nginx/1.22.1`` (``nginx -v`` says ``nginx version: nginx/1.22.1`` on stderr)."""
+    return binary_version([binary, "-v"]).removeprefix("nginx version: ")
 
 
 class Nginx(ChildProcess, LoopbackAddress):
