@@ -100,6 +100,7 @@ def rows(r: Results, c: Config, run_stats: Mapping[str, ProcessStats]) -> list[R
             + (nginx_part.format(COLD_VS_NGINX) if has_nginx else ""),
             check=cold_target,
         ),
+        Row("cold pull: CPU s of the server (process tree)", m("cold_cpu")),
         Row("cold pull: upstream requests", m("cold_requests"), fmt="{:.0f}"),
         Row(
             "cold pull: upstream bytes / image size",
@@ -150,6 +151,7 @@ def rows(r: Results, c: Config, run_stats: Mapping[str, ProcessStats]) -> list[R
             target="exactly 1",
             check=lambda n, v: v[n] == 1 and _min(r, "conc_blob_gets_min")[n] == 1,
         ),
+        Row(f"{c.concurrent} concurrent: CPU s of the server", m("conc_cpu")),
         Row(f"{c.concurrent} concurrent: peak RSS MiB", m("conc_rss"), fmt="{:.0f}"),
         Row(
             f"warm {small} blob GET, wrk -c{conn}: MiB/s",
@@ -457,7 +459,9 @@ def goals(r: Results, c: Config, run_stats: Mapping[str, ProcessStats]) -> list[
     if BASE in has:
         for key, label, fmt in (
             ("cold_wall", "cold pull wall", "{:.2f}x"),
+            ("cold_cpu", "cold pull CPU s", "{:.2f}x"),
             ("conc_wall", "concurrent cold pulls wall", "{:.2f}x"),
+            ("conc_cpu", "concurrent cold pulls CPU s", "{:.2f}x"),
             ("blob_mibs", "warm blob MiB/s", "{:.2f}x"),
             ("mdigest_rps", "warm manifest by digest req/s", "{:.2f}x"),
             ("big_cold_mibs", f"cold {big} blob MiB/s", "{:.2f}x"),
