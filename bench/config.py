@@ -19,6 +19,7 @@ class Config:
     cold_repeats: int = 3
     warm_repeats: int = 3
     conc_repeats: int = 3
+    single_repeats: int = 1
     wrk_seconds: float = 3
     blob_wrk_seconds: float = 5
     wrk_rounds: int = 3
@@ -52,6 +53,7 @@ HELP = {
     "cold_repeats": "cold pulls per target, each of a fresh image",
     "warm_repeats": "warm pulls per target",
     "conc_repeats": "rounds of concurrent cold pulls, each of a fresh image",
+    "single_repeats": "cold then warm GETs of the single blobs per target, each of a fresh blob",
     "wrk_seconds": "duration of one wrk run on a manifest endpoint",
     "blob_wrk_seconds": "duration of one wrk run on the blob endpoint",
     "wrk_rounds": "wrk runs per target and endpoint (interleaved)",

@@ -59,6 +59,35 @@ def git_rev() -> str:
     return rev + (" (proxy/ modified)" if dirty else "")
 
 
+def git_rev_of(checkout: Path) -> str:
+    """Short HEAD of another checkout (the baseline), with ``(proxy/ modified)`` if so."""
+    try:
+        run = subprocess.run
+        rev = run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = run(
+            ["git", "-C", str(checkout), "status", "--porcelain", "--", "proxy"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return rev + (" (proxy/ modified)" if dirty else "")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared: say how busy it was)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def proxy_tree() -> str:
     """What identifies the proxy's code: the tree of proxy/ at HEAD plus local changes."""
     try:

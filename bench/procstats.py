@@ -6,6 +6,13 @@
 - Over one phase (:meth:`Monitor.phase`): the kernel's high-water mark is reset first
   (``echo 5 > /proc/PID/clear_refs``), so ``VmHWM`` at the end is that phase's exact peak,
   and CPU seconds are the difference across the phase.
+
+A server may be several processes (nginx's master and workers, ``registry-proxy`` with
+``workers: N``): each named process is measured with its descendants (found by parent PID
+in ``/proc``; the list is refreshed at every phase start and about once a second). RSS is
+then two figures: the tree's total (summed at each sample; the larger of that and the
+largest single peak) and the largest single process's peak (``peak_rss_each``, "per
+worker"). CPU seconds are summed over the tree.
 """
 
 from __future__ import annotations
@@ -43,6 +50,26 @@ def hwm_bytes(pid: int) -> int:
     return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants (by the parent PID in ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
 def reset_hwm(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -55,19 +82,57 @@ def reset_hwm(pid: int) -> bool:
 @dataclass
 class PhaseStats:
     peak_rss: int = 0
+    """The process tree's peak (summed over its processes)."""
+    peak_rss_each: int = 0
+    """The largest single process's peak (per worker)."""
     cpu: float = 0.0
+    processes: int = 1
 
 
 @dataclass
 class ProcessStats:
     pid: int
     peak_rss: int = 0
+    peak_rss_each: int = 0
     cpu: float = 0.0
     phases: dict[str, PhaseStats] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+    """The tree as last seen (the root first)."""
+
+    def refresh(self) -> list[int]:
+        self.pids = process_tree(self.pid)
+        return self.pids
+
+
+def _tree_rss(pids: list[int]) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = rss_bytes(pid)
+    return out
+
+
+def _tree_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def _tree_hwm(pids: list[int]) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = hwm_bytes(pid)
+    return out
 
 
 class Monitor:
-    """Samples the RSS of named processes every ``interval`` seconds in a thread."""
+    """Samples the RSS of named process trees every ``interval`` seconds in a thread."""
+
+    REFRESH = 1.0
+    """Seconds between two looks for new processes in a tree."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -79,53 +144,69 @@ class Monitor:
     def add(self, name: str, pid: int) -> None:
         with self._lock:
             self.procs[name] = ProcessStats(pid)
+            self.procs[name].refresh()
 
     def start(self) -> None:
         self._thread.start()
 
-    def _sample(self) -> None:
+    def _sample(self, *, refresh: bool = False) -> None:
         with self._lock:
             for stats in self.procs.values():
-                with contextlib.suppress(OSError):
-                    stats.peak_rss = max(stats.peak_rss, rss_bytes(stats.pid))
+                pids = stats.refresh() if refresh else stats.pids
+                rss = _tree_rss(pids)
+                if rss:
+                    stats.peak_rss = max(stats.peak_rss, sum(rss.values()))
+                    stats.peak_rss_each = max(stats.peak_rss_each, max(rss.values()))
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
-            self._sample()
+            now = time.monotonic()
+            refresh = now - last >= self.REFRESH
+            if refresh:
+                last = now
+            self._sample(refresh=refresh)
 
     def finish(self) -> None:
         """Stop sampling and take the final CPU and high-water readings (processes alive)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._sample()
+        self._sample(refresh=True)
         for stats in self.procs.values():
-            try:
-                stats.peak_rss = max(stats.peak_rss, hwm_bytes(stats.pid))
-                stats.cpu = cpu_seconds(stats.pid)
-            except OSError:
-                pass
+            hwm = _tree_hwm(stats.pids)
+            if hwm:
+                stats.peak_rss_each = max(stats.peak_rss_each, max(hwm.values()))
+                stats.peak_rss = max(stats.peak_rss, stats.peak_rss_each)
+            stats.cpu = _tree_cpu(stats.pids)
 
     @contextmanager
     def phase(self, label: str, name: str) -> Iterator[PhaseStats]:
-        """Exact peak RSS and CPU seconds of process ``name`` while the block runs."""
+        """Exact peak RSS and CPU seconds of process tree ``name`` while the block runs."""
         stats = self.procs[name]
         result = PhaseStats()
         with self._lock:
-            # keep the run's peak: take the high-water mark before resetting it
-            stats.peak_rss = max(stats.peak_rss, hwm_bytes(stats.pid))
-            reset = reset_hwm(stats.pid)
-        start_cpu = cpu_seconds(stats.pid)
-        peak = 0
+            pids = stats.refresh()
+            # keep the run's peak: take the high-water marks before resetting them
+            before = _tree_hwm(pids)
+            if before:
+                stats.peak_rss_each = max(stats.peak_rss_each, max(before.values()))
+                stats.peak_rss = max(stats.peak_rss, stats.peak_rss_each)
+            reset = all([reset_hwm(pid) for pid in pids])
+        start_cpu = _tree_cpu(pids)
+        peak_sum = 0
+        peak_each: dict[int, int] = {}
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak_sum
             while not stop.wait(0.02):
-                try:
-                    peak = max(peak, rss_bytes(stats.pid))
-                except OSError:
+                rss = _tree_rss(pids)
+                if not rss:
                     return
+                peak_sum = max(peak_sum, sum(rss.values()))
+                for pid, value in rss.items():
+                    peak_each[pid] = max(peak_each.get(pid, 0), value)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -135,9 +216,13 @@ class Monitor:
             stop.set()
             sampler.join()
             time.sleep(0)
-            result.cpu = cpu_seconds(stats.pid) - start_cpu
-            hwm = hwm_bytes(stats.pid) if reset else 0
-            result.peak_rss = max(peak, hwm)
+            result.cpu = _tree_cpu(pids) - start_cpu
+            hwm = _tree_hwm(pids) if reset else {}
+            each = {pid: max(peak_each.get(pid, 0), hwm.get(pid, 0)) for pid in pids}
+            result.peak_rss_each = max(each.values(), default=0)
+            result.peak_rss = max(peak_sum, result.peak_rss_each)
+            result.processes = len(pids)
             with self._lock:
                 stats.peak_rss = max(stats.peak_rss, result.peak_rss)
+                stats.peak_rss_each = max(stats.peak_rss_each, result.peak_rss_each)
             stats.phases[label] = result

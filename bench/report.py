@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 from bench import micro, profile
 from bench.config import Config
-from bench.results import OURS, TARGETS, Results
-from bench.targets import Row
+from bench.results import BASE, Results
+from bench.targets import Goal, Row
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -19,26 +19,39 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def verdict(row: Row) -> str:
+def verdict(row: Row, ours: tuple[str, ...]) -> str:
     if not row.verdicts:
         return ""
     marks = []
-    for name in OURS:
+    for name in ours:
         v = row.verdicts.get(name)
         marks.append("n/a" if v is None else "met" if v else "MISSED")
     return " / ".join(marks)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def ratio_columns(targets: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(header, numerator, denominator) of the ratio columns a run's targets allow."""
+    cols = [("proxy/direct", "proxy", "direct"), ("proxy/peer", "proxy", "peer")]
+    if "nginx" in targets:
+        cols.append(("proxy/nginx", "proxy", "nginx"))
+    cols.append(("+redis/direct", "proxy+redis", "direct"))
+    for name in targets:
+        if name.startswith("proxy-w"):
+            cols.append((f"{name.removeprefix('proxy-')}/proxy", name, "proxy"))
+    if BASE in targets:
+        cols.append(("proxy/base", "proxy", BASE))
+    return cols
+
+
+def markdown_table(rows: list[Row], targets: tuple[str, ...]) -> str:
+    ours = tuple(t for t in targets if t.startswith("proxy"))
+    cols = ratio_columns(targets)
     header = [
         "scenario",
-        *TARGETS,
-        "proxy/direct",
-        "proxy/peer",
-        "+redis/direct",
-        "+redis/peer",
-        "target (proxy)",
-        "met (proxy / +redis)",
+        *targets,
+        *(h for h, _, _ in cols),
+        "target (ours)",
+        f"met ({' / '.join(ours)})",
     ]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -48,14 +61,27 @@ def markdown_table(rows: list[Row]) -> str:
         v = row.values
         cells = [
             row.label,
-            *(row.cell(name) for name in TARGETS),
-            ratio(v.get("proxy"), v.get("direct")),
-            ratio(v.get("proxy"), v.get("peer")),
-            ratio(v.get("proxy+redis"), v.get("direct")),
-            ratio(v.get("proxy+redis"), v.get("peer")),
+            *(row.cell(name) for name in targets),
+            *(ratio(v.get(a), v.get(b)) for _, a, b in cols),
             row.target,
-            verdict(row),
+            verdict(row, ours),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals_table(goals: list[Goal], targets: tuple[str, ...]) -> str:
+    """Issue 15's targets: one line per ratio, a cell (figure and verdict) per proxy."""
+    ours = tuple(t for t in targets if t.startswith("proxy"))
+    header = ["issue 15 target", "target", *ours]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---"] + ["---:"] * len(ours)) + " |",
+    ]
+    for goal in goals:
+        if all(goal.cell(n) == "-" for n in ours):
+            continue  # a scenario this run left out
+        cells = [goal.label, goal.target, *(goal.cell(n) for n in ours)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,7 +130,7 @@ def details_section(results: Results) -> str:
     names = {"cold": "cold pull", "warm": "warm pull", "conc": "concurrent cold pulls"}
     for key, title in names.items():
         per = results.details.get(key, {})
-        for t in TARGETS:
+        for t in results.targets:
             if t in per:
                 lines.append(f"- {title}, {t}: {per[t] or 'none'}")
     return "\n".join(lines)
@@ -140,6 +166,7 @@ class Report:
     proxy_env: list[str]
     results: Results
     rows: list[Row]
+    goals: list[Goal]
     micro: list[micro.MicroResult]
     profiles: list[profile.Profile]
     elapsed: float
@@ -157,8 +184,10 @@ def render(report: Report) -> str:
     text = f"""# registry-proxy benchmark results
 
 Produced by `python -m bench` ({elapsed:.0f} s). Targets: `direct` is the upstream itself
-(docker-registry, the limit), `peer` is docker-registry in proxy mode, `proxy` is
-`registry-proxy serve` with embedded defaults, `proxy+redis` the same with `--redis`.
+(docker-registry, the limit), `peer` is docker-registry in proxy mode, `nginx` is nginx
+caching as rpardini's docker-registry-proxy does (bench/nginx.py), `proxy` is
+`registry-proxy serve` with embedded defaults, `proxy+redis` the same with `--redis`,
+`proxy-w<N>` the same with `workers: N`, `proxy@base` the baseline checkout's proxy.
 Medians over repetitions; ratios are ours divided by theirs.
 
 {env}
@@ -166,11 +195,15 @@ Medians over repetitions; ratios are ours divided by theirs.
 
 ## Results
 
-{markdown_table(rows)}
+{markdown_table(rows, report.results.targets)}
 
 Targets:
 
 {targets_summary(rows)}
+
+## Issue 15 targets (ratios in this run)
+
+{goals_table(report.goals, report.results.targets)}
 
 ## Descriptor look-up cost (in-process, one at a time)
 

@@ -1,4 +1,4 @@
-"""The scenarios: each runs against the four targets in turn and records what it measured.
+"""The scenarios: each runs against every target in turn and records what it measured.
 
 The order of the targets rotates from one scenario or repetition to the next, so drift on
 the machine hits all alike. Upstream traffic is read from the upstream's access log
@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -24,21 +23,15 @@ from bench.config import Config
 from bench.images import Image, Pusher, mib
 from bench.procstats import Monitor, ProcessStats
 from bench.results import Results
+from bench.servers import Served as Target
 from bench.servers import Stack
 from tests.rig import oci
-from tests.rig.process import LoopbackAddress, free_port
+from tests.rig.process import free_port
 from tests.rig.skopeo import Skopeo, SkopeoError
 
 MiB = 1 << 20
 ACCEPT = {"Accept": oci.OCI_MANIFEST}
 PULL_TIMEOUT = 600.0
-
-
-@dataclass
-class Target:
-    name: str
-    server: LoopbackAddress
-    process: str  # name of the monitored process that does the serving
 
 
 def rotated(targets: list[Target], k: int) -> list[Target]:
@@ -53,12 +46,7 @@ class Scenarios:
         self.config = config
         self.workdir = workdir
         self.stack = stack
-        self.targets = [
-            Target("direct", stack.upstream, "upstream"),
-            Target("peer", stack.peer, "peer"),
-            Target("proxy", stack.proxy, "proxy"),
-            Target("proxy+redis", stack.proxy_redis, "proxy+redis"),
-        ]
+        self.targets: list[Target] = []
         self.monitor = Monitor()
         self.results = Results()
         self.skopeo = Skopeo(workdir / "skopeo")
@@ -69,7 +57,13 @@ class Scenarios:
         self.started = time.monotonic()
 
     def watch(self, pids: dict[str, int]) -> None:
-        """Start monitoring the servers (name -> PID) once they run."""
+        """Start monitoring the servers (name -> PID) once they run; the targets are the
+        servers that started."""
+        self.targets = self.stack.targets()
+        self.results.targets = tuple(t.name for t in self.targets)
+        for name, reason in self.stack.skipped.items():
+            self.results.notes.append(f"{name} skipped: {reason}")
+            self.say(f"{name} SKIPPED: {reason}")
         for name, pid in pids.items():
             self.monitor.add(name, pid)
         self.monitor.start()
@@ -103,9 +97,12 @@ class Scenarios:
             self.pull_images = [await push(f"pull{i}", [layer] * c.layers) for i in range(n_pull)]
             n_conc = c.conc_repeats if "concurrent" in only else 0
             self.conc_images = [await push(f"conc{i}", [layer] * c.layers) for i in range(n_conc)]
+            self.small_images: list[Image] = []
+            self.big_images: list[Image] = []
             if "single" in only:
-                self.small_image = await push("one-small", [layer])
-                self.big_image = await push("one-big", [mib(c.big_mib)])
+                for i in range(c.single_repeats):
+                    self.small_images.append(await push(f"one-small{i}", [layer]))
+                    self.big_images.append(await push(f"one-big{i}", [mib(c.big_mib)]))
             if "profile" in only and c.profile:
                 self.profile_image = await push("profile", [mib(c.big_mib / 2)])
             total = sum(i.size for i in pushed)
@@ -151,7 +148,7 @@ class Scenarios:
             for target in rotated(self.targets, rep):
                 self.flush()
                 offset = self.access.offset()
-                with self.monitor.phase(f"cold pull {rep}", target.process):
+                with self.monitor.phase(f"cold pull {rep}", target.process) as phase:
                     try:
                         wall = await self._pull("cold", rep, target, image)
                     finally:
@@ -161,13 +158,17 @@ class Scenarios:
                 window = self.access.since(offset)
                 gets = window.blob_gets()
                 self.results.add("cold_wall", target.name, wall)
+                self.results.add("cold_cpu", target.name, phase.cpu)
                 self.results.add("cold_requests", target.name, window.requests)
                 self.results.add("cold_bytes", target.name, window.bytes / image.size)
                 per_blob = [gets.get(b.digest, 0) for b in image.blobs]
                 self.results.add("cold_blob_gets_max", target.name, max(per_blob))
                 self.results.add("cold_blob_gets_min", target.name, min(per_blob))
                 self.results.detail("cold", target.name, window.methods())
-                self.say(f"cold pull {rep} {target.name}: {wall:.2f}s, {window.methods()}")
+                self.say(
+                    f"cold pull {rep} {target.name}: {wall:.2f}s, cpu {phase.cpu:.2f}s, "
+                    f"{window.methods()}"
+                )
 
     async def warm_pull(self, *, warm_up: bool) -> None:
         if warm_up:
@@ -207,20 +208,26 @@ class Scenarios:
                 self.settle(target, [b.digest for b in image.blobs])
             window = self.access.since(offset)
             self.results.add("conc_wall", target.name, wall)
+            self.results.add("conc_cpu", target.name, phase.cpu)
             self.results.add("conc_failed", target.name, len(errors))
             for error in sorted(set(errors)):
                 self.results.notes.append(
                     f"{n} concurrent cold pulls, {target.name}: {errors.count(error)} of {n} "
                     f"skopeo pulls failed: {error}"
                 )
+            gets = window.blob_gets()
+            per_blob = [gets.get(b.digest, 0) for b in image.blobs]
             self.results.add("conc_bytes", target.name, window.bytes / image.size)
             self.results.add("conc_requests", target.name, window.requests)
+            self.results.add("conc_blob_gets_max", target.name, max(per_blob))
+            self.results.add("conc_blob_gets_min", target.name, min(per_blob))
             self.results.add("conc_rss", target.name, phase.peak_rss / MiB)
+            self.results.add("conc_rss_each", target.name, phase.peak_rss_each / MiB)
             self.results.detail("conc", target.name, window.methods())
             self.say(
-                f"{n}x cold pull {rep} {target.name}: {wall:.2f}s, peak RSS "
+                f"{n}x cold pull {rep} {target.name}: {wall:.2f}s, cpu {phase.cpu:.2f}s, peak RSS "
                 f"{phase.peak_rss / MiB:.0f} MiB, upstream "
-                f"{window.bytes / image.size:.2f}x image size"
+                f"{window.bytes / image.size:.2f}x image size, GETs per blob {per_blob}"
             )
 
     async def wrk_scenario(
@@ -265,16 +272,16 @@ class Scenarios:
                     f" {window.requests} upstream"
                 )
 
-    async def single_blob(self, key: str, image: Image) -> None:
+    async def single_blob(self, key: str, image: Image, rep: int = 0) -> None:
         """One cold then one warm GET of a single-layer image's layer, per target."""
         layer = image.layers[0]
         path = f"/v2/{image.repo}/blobs/{layer.digest}"
         for state in ("cold", "warm"):
-            for target in rotated(self.targets, 1 if state == "cold" else 2):
+            for target in rotated(self.targets, rep + (1 if state == "cold" else 2)):
                 if state == "cold":
                     self.flush()
                 offset = self.access.offset()
-                with self.monitor.phase(f"{key} {state}", target.process) as phase:
+                with self.monitor.phase(f"{key} {state} {rep}", target.process) as phase:
                     wall = await clients.curl_get(target.server.url + path, expect_size=layer.size)
                     if state == "cold":
                         self.settle(target, [layer.digest])
@@ -284,11 +291,17 @@ class Scenarios:
                 self.results.add(f"{key}_{state}_wall", target.name, wall)
                 self.results.add(f"{key}_{state}_mibs", target.name, layer.size / MiB / wall)
                 self.results.add(f"{key}_{state}_rss", target.name, phase.peak_rss / MiB)
+                self.results.add(f"{key}_{state}_rss_each", target.name, phase.peak_rss_each / MiB)
                 self.results.add(f"{key}_{state}_cpu", target.name, phase.cpu)
                 self.results.add(f"{key}_{state}_upbytes", target.name, window.bytes / layer.size)
+                each = (
+                    f" ({phase.processes} processes, largest {phase.peak_rss_each / MiB:.0f})"
+                    if phase.processes > 1
+                    else ""
+                )
                 self.say(
                     f"{key} {state} GET {target.name}: {wall:.2f}s, peak RSS "
-                    f"{phase.peak_rss / MiB:.0f} MiB, cpu {phase.cpu:.2f}s, upstream "
+                    f"{phase.peak_rss / MiB:.0f} MiB{each}, cpu {phase.cpu:.2f}s, upstream "
                     f"{window.bytes / layer.size:.2f}x"
                 )
 
@@ -367,8 +380,11 @@ class Scenarios:
             )
             await self.wrk_scenario("mtag", f"/v2/{image.repo}/manifests/{image.tag}", ACCEPT)
         if "single" in only:
-            await self.single_blob("small", self.small_image)
-            await self.single_blob("big", self.big_image)
+            for rep, (small, big) in enumerate(
+                zip(self.small_images, self.big_images, strict=True)
+            ):
+                await self.single_blob("small", small, rep)
+                await self.single_blob("big", big, rep)
         self.monitor.finish()
         if "micro" in only:
             await self.run_micro()

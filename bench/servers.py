@@ -6,8 +6,14 @@ own pull-through mode (``proxy.remoteurl``) with storage of its own; Redis is
 redis-server without persistence. What only the bench needs is here:
 
 - :class:`Proxy`: this project's ``registry-proxy serve`` console script with its
-  embedded defaults (only listen, upstream and cache dir given; optionally ``--redis``).
-- :class:`Stack`: the five processes, started in order and stopped in reverse (by PID).
+  embedded defaults (only listen, upstream and cache dir given; optionally ``--redis``;
+  optionally a YAML file for settings that have no flag, such as ``workers``; optionally
+  the console script of another checkout, the baseline).
+- :class:`~bench.nginx.Nginx`: the second peer, nginx caching as rpardini's mirror does.
+- :class:`Stack`: the processes, started in order and stopped in reverse (by PID). The
+  optional ones (nginx, ``proxy-wN``, ``proxy@base``) are left out, with the reason in
+  :attr:`Stack.skipped`, when they cannot start: nginx not installed, or a proxy that
+  refuses its configuration (``workers`` before the key exists).
 - :class:`AccessLog`: what the upstream served between two offsets of its log.
 """
 
@@ -25,12 +31,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.rig.process import ChildProcess, LoopbackAddress, free_port
+import yaml
+
+from bench.nginx import Nginx
+from tests.rig.process import ChildProcess, LoopbackAddress, NotReady, free_port
 from tests.rig.redis_server import RedisServer
 from tests.rig.registry import Registry, proxy_section
 
-# Servers get longer to start than in the tests: the bench machine is busy by design.
-START_TIMEOUT = 20.0
+# Servers get longer to start than in the tests: the bench machine is busy by design
+# (a deadline, not a wait: a server that is up sooner is used sooner).
+START_TIMEOUT = 60.0
 # The upstream's and the peer's application log level: warn, so no per-request line
 # besides the access log (which favours the peer; its access log stays on, as ours does).
 REGISTRY_LOG_LEVEL = "warn"
@@ -47,21 +57,43 @@ def proxy_binary() -> str:
     return found
 
 
+def baseline_binary(checkout: Path) -> Path:
+    """``registry-proxy`` of another checkout's virtual environment (``--baseline``)."""
+    return checkout / ".venv" / "bin" / "registry-proxy"
+
+
 class Proxy(ChildProcess, LoopbackAddress):
-    """``registry-proxy serve`` with embedded defaults, optionally with Redis."""
+    """``registry-proxy serve`` with embedded defaults, optionally with Redis.
+
+    ``settings`` (top-level YAML keys, e.g. ``{"workers": 2}``) go into a config file
+    given with ``--config``; the flags still set listen, upstream and cache dir.
+    ``binary`` is another checkout's console script (default: this environment's)."""
 
     name = "registry-proxy"
 
-    def __init__(self, workdir: Path, *, upstream: str, redis_url: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        upstream: str,
+        redis_url: str | None = None,
+        settings: dict[str, object] | None = None,
+        binary: str | None = None,
+    ) -> None:
         super().__init__(workdir, log_name="proxy.log")
         self.port = free_port()
         self.upstream = upstream
         self.redis_url = redis_url
         self.cache_dir = workdir / "cache"
+        self.binary = binary
+        self.config_path: Path | None = None
+        if settings:
+            self.config_path = workdir / "config.yml"
+            self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     def argv(self) -> list[str]:
         argv = [
-            proxy_binary(),
+            self.binary or proxy_binary(),
             "serve",
             "--listen",
             self.host,
@@ -72,6 +104,8 @@ class Proxy(ChildProcess, LoopbackAddress):
         ]
         if self.redis_url is not None:
             argv += ["--redis", self.redis_url]
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
         return argv
 
     def ready(self) -> bool:
@@ -81,11 +115,38 @@ class Proxy(ChildProcess, LoopbackAddress):
         except (urllib.error.URLError, OSError):
             return False
 
+    def refusal(self) -> str | None:
+        """The configuration error it exited with, if that is why it did not start."""
+        for line in reversed(self.log_tail(20).splitlines()):
+            if "configuration error" in line:
+                return line.strip()
+        return None
+
+
+@dataclass(frozen=True)
+class Served:
+    """A target of the scenarios: its name, what it listens on, and the monitored process
+    (tree) that does the serving."""
+
+    name: str
+    server: LoopbackAddress
+    process: str
+
 
 class Stack:
-    """redis, upstream, peer, proxy and proxy+redis, by the names the monitor uses."""
+    """redis, upstream, peer, nginx, proxy, proxy+redis and the optional proxies, by the
+    names the monitor uses. ``nginx_workers`` is nginx's ``worker_processes`` (``auto``;
+    ``None``: no nginx); ``workers`` adds ``proxy-w<N>`` (``workers: N`` in its config
+    file); ``baseline`` (a checkout with its own ``.venv``) adds ``proxy@base``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        nginx_workers: str | None = "auto",
+        workers: int | None = None,
+        baseline: Path | None = None,
+    ) -> None:
         self.redis = RedisServer(workdir / "redis")
         self.upstream = Registry(workdir / "upstream", log_level=REGISTRY_LOG_LEVEL)
         self.peer = Registry(
@@ -95,32 +156,98 @@ class Stack:
         self.proxy_redis = Proxy(
             workdir / "proxy-redis", upstream=self.upstream.url, redis_url=self.redis.url
         )
+        self.nginx: Nginx | None = None
         self.servers: dict[str, ChildProcess] = {
             "redis": self.redis,
             "upstream": self.upstream,
             "peer": self.peer,
-            "proxy": self.proxy,
-            "proxy+redis": self.proxy_redis,
         }
-        for name, server in self.servers.items():
-            server.name = name  # what start-up failures are reported as
+        self.optional: set[str] = set()
+        self.skipped: dict[str, str] = {}
+        """Optional servers that did not start, with the reason."""
+        if nginx_workers is not None:
+            self.nginx = Nginx(
+                workdir / "nginx", upstream=self.upstream.host, workers=nginx_workers
+            )
+            self._add("nginx", self.nginx, optional=True)
+        self._add("proxy", self.proxy)
+        self._add("proxy+redis", self.proxy_redis)
+        self.proxies: list[Proxy] = [self.proxy, self.proxy_redis]
+        self.workers_name: str | None = None
+        if workers is not None:
+            self.workers_name = f"proxy-w{workers}"
+            pool = Proxy(
+                workdir / self.workers_name,
+                upstream=self.upstream.url,
+                settings={"workers": workers},
+            )
+            self._add(self.workers_name, pool, optional=True)
+            self.proxies.append(pool)
+        self.baseline = baseline
+        if baseline is not None:
+            base = Proxy(
+                workdir / "proxy-base",
+                upstream=self.upstream.url,
+                binary=str(baseline_binary(baseline)),
+            )
+            self._add("proxy@base", base, optional=True)
+            self.proxies.append(base)
+
+    def _add(self, name: str, server: ChildProcess, *, optional: bool = False) -> None:
+        server.name = name  # what start-up failures are reported as
+        self.servers[name] = server
+        if optional:
+            self.optional.add(name)
 
     @property
     def access_log(self) -> AccessLog:
         return AccessLog(self.upstream.log_path)
 
+    def targets(self) -> list[Served]:
+        """The running targets in table order: direct (the upstream itself) first."""
+        order = [("direct", "upstream")]
+        order += [(n, n) for n in self.servers if n not in ("redis", "upstream")]
+        out = []
+        for name, process in order:
+            server = self.servers[process]
+            if server.running:
+                assert isinstance(server, LoopbackAddress)
+                out.append(Served(name, server, process))
+        return out
+
     def set_proxy_env(self, key: str, value: str) -> None:
-        """Extra environment for both proxy processes (before :meth:`running`)."""
-        self.proxy.env[key] = value
-        self.proxy_redis.env[key] = value
+        """Extra environment for every proxy process (before :meth:`running`)."""
+        for proxy in self.proxies:
+            proxy.env[key] = value
+
+    def _start_optional(self, name: str, server: ChildProcess) -> bool:
+        if isinstance(server, Nginx) and not server.available():
+            self.skipped[name] = f"{server.binary} is not installed"
+            return False
+        try:
+            server.start(START_TIMEOUT)
+        except NotReady as exc:
+            refusal = server.refusal() if isinstance(server, Proxy) else None
+            if refusal is not None:
+                self.skipped[name] = f"registry-proxy refused its configuration ({refusal})"
+            else:
+                lines = str(exc).strip().splitlines()
+                self.skipped[name] = f"did not start: {lines[0] if lines else exc}"
+            return False
+        return True
 
     @contextlib.contextmanager
     def running(self) -> Iterator[dict[str, int]]:
-        """Start every server in order (yielding name -> PID); stop them in reverse."""
+        """Start every server in order (yielding name -> PID); stop them in reverse. An
+        optional server that cannot start is left out (see :attr:`skipped`)."""
         try:
             pids: dict[str, int] = {}
             for name, server in self.servers.items():
-                server.start(START_TIMEOUT)
+                if name in self.optional:
+                    if not self._start_optional(name, server):
+                        continue
+                else:
+                    server.start(START_TIMEOUT)
                 assert server.pid is not None
                 pids[name] = server.pid
             yield pids
@@ -129,7 +256,7 @@ class Stack:
                 server.stop()
 
 
-# --------------------------------------------------------------------------- access log
+# -------------------------------------------------------------------------- access log
 
 _COMBINED = re.compile(
     r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" '
