@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from proxy.access.control import IDENTITY_KEY
 from proxy.access.identity import Identity
-from proxy.api.accesslog import AccessLogger
+from proxy.api.accesslog import FIELDS, AccessLogger
 from proxy.api.middlewares import OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.model import Outcome
 
@@ -47,3 +47,29 @@ def test_a_pass_through_identity_is_logged_by_kind_never_by_credential(
     record = logged(caplog, request, 401)
     assert record.__dict__["identity"] == "passthrough"
     assert record.__dict__["cache"] == "denied"
+
+
+def test_the_fields_never_overwrite_a_record_attribute() -> None:
+    standard = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
+    assert not standard & set(FIELDS)
+    assert not {"message", "asctime"} & set(FIELDS)
+
+
+def test_every_field_is_on_the_record_and_the_record_says_where_it_was_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = make_mocked_request("HEAD", "/v2/team/app/manifests/v1?ns=docker.io")
+    record = logged(caplog, request, 200)
+    assert record.getMessage() == "HEAD /v2/team/app/manifests/v1?ns=docker.io 200"
+    assert set(FIELDS) <= set(record.__dict__)
+    assert (record.route, record.upstream, record.identity) == ("other", "-", "-")  # type: ignore[attr-defined]
+    assert (record.levelno, record.funcName, record.module) == (logging.INFO, "log", "accesslog")
+
+
+def test_nothing_is_made_when_the_level_is_above_info(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("proxy.access")
+    caplog.set_level(logging.WARNING, logger="proxy.access")
+    access = AccessLogger(logger, "")
+    assert not access.enabled
+    access.log(make_mocked_request("GET", "/v2/"), web.Response(), 0.001)
+    assert not [r for r in caplog.records if r.name == "proxy.access"]
