@@ -11,7 +11,8 @@ protocol's ``data_received``, the answer is counted as it is written). A connect
 its next request as soon as its answer is complete, scheduled like a socket event, so the
 loop serves several per turn as under wrk. What is timed is the process's CPU time
 (``time.process_time``) for a batch of ``--requests`` requests; the fastest of
-``--repeats`` batches is the figure (interference only ever adds), the median beside it.
+``--repeats`` batches and their first quartile are the figures (interference only ever
+adds), the median beside them.
 
 The upstream is a real docker-registry with one image pushed; each tree's process fills
 its own cache dir through the app (a cold manifest GET) before timing. Paths: manifest by
@@ -335,19 +336,27 @@ def _parent(args: argparse.Namespace, workdir: Path) -> None:
         f"{os.cpu_count()} cores; {args.repeats} batches per tree and path, in turns, of "
         f"{args.requests} requests over {CONNECTIONS} connections"
     )
-    print(f"{'path':<16} {'tree':<10} {'CPU us/request: best':>22} {'median':>8}  {'vs first':>8}")
+    print(
+        f"{'path':<16} {'tree':<10} {'CPU us/request: best':>22} {'p25':>7} {'median':>7}"
+        f"  {'best vs first':>13} {'p25 vs first':>12}"
+    )
     for path in args.only.split(","):
-        first = min(figures[(path, trees[0][0])])
+        first = figures[(path, trees[0][0])]
+        first_best, first_p25 = min(first), _quartile(first)
         for label, _ in trees:
             runs = figures[(path, label)]
-            best = min(runs)
+            best, p25 = min(runs), _quartile(runs)
             print(
-                f"{path:<16} {label:<10} {best:>22.1f} {statistics.median(runs):>8.1f}  "
-                f"{best / first:>7.2f}x"
+                f"{path:<16} {label:<10} {best:>22.1f} {p25:>7.1f} {statistics.median(runs):>7.1f}"
+                f"  {best / first_best:>12.2f}x {p25 / first_p25:>11.2f}x"
             )
     if args.show_answers:
         for (path, label), text in answers.items():
             print(f"--- {path} {label}\n{text}")
+
+
+def _quartile(values: list[float]) -> float:
+    return statistics.quantiles(values, n=4)[0] if len(values) > 1 else values[0]
 
 
 def main() -> None:

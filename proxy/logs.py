@@ -107,7 +107,7 @@ class TextFormatter(logging.Formatter):
             line += stack if line[-1:] == "\n" else "\n" + stack
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
         return line
 
 
