@@ -107,7 +107,7 @@ MIDDLEWARES = (api_middleware,)
 def _count(request: web.Request, response: web.StreamResponse | None, seconds: float) -> None:
     route = request.get(ROUTE_KEY, "other")
     status = response.status if response is not None else 500
-    _requests(route, request.method, metrics.status_class(status)).inc()
+    _requests(route, request.method, status).inc()
     _request_seconds(route).observe(seconds)
     if route in CACHED_ROUTES:
         _cache_responses(route, outcome(request, response).value).inc()
@@ -116,8 +116,8 @@ def _count(request: web.Request, response: web.StreamResponse | None, seconds: f
 # Labelled children, looked up once per label values (``labels()`` validates and locks
 # on every call). Bounded: a method is whatever token a client sends.
 @functools.lru_cache(maxsize=CHILDREN)
-def _requests(route: str, method: str, status: str) -> Counter:
-    return metrics.REQUESTS.labels(route, method, status)
+def _requests(route: str, method: str, status: int) -> Counter:
+    return metrics.REQUESTS.labels(route, method, metrics.status_class(status))
 
 
 @functools.lru_cache(maxsize=CHILDREN)
