@@ -18,7 +18,7 @@ from proxy.access.control import AccessControl
 from proxy.api import handlers, peer
 from proxy.api.accesslog import AccessLogger
 from proxy.api.connections import ConnectionGuard, GuardedAppRunner, raise_open_files_limit
-from proxy.api.middlewares import errors_middleware, metrics_middleware, on_response_prepare
+from proxy.api.middlewares import MIDDLEWARES, on_response_prepare
 from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.pullthrough.warm import PinRefresher
 from proxy.routing import Router
@@ -29,9 +29,7 @@ CLIENT_MAX_SIZE = 1 << 20
 
 def create_app(settings: Settings) -> web.Application:
     metrics.BUILD_INFO.info({"version": __version__})
-    app = web.Application(
-        middlewares=[metrics_middleware, errors_middleware], client_max_size=CLIENT_MAX_SIZE
-    )
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=CLIENT_MAX_SIZE)
     registry = PullThroughRegistry(settings)
     router = Router(settings.upstreams)
     access = AccessControl(

@@ -7,6 +7,7 @@ therefore safe to put in a file path or a cache key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -27,6 +28,8 @@ MANIFEST_MEDIA_TYPES = (
     MEDIA_TYPE_DOCKER_MANIFEST_LIST,
 )
 MAX_NAME_LENGTH = 255
+ACCEPT_CACHE = 1024
+MAX_CACHED_ACCEPT = 1024
 
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"^{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*\Z")
@@ -102,6 +105,12 @@ class Reference:
         return self.tag if self.tag is not None else str(self.digest)
 
 
+# A pull asks for the same digests and tags again and again; what parses is remembered
+# (values are immutable; what does not parse raises again each time).
+parse_digest = functools.lru_cache(maxsize=4096)(Digest.parse)
+parse_reference = functools.lru_cache(maxsize=4096)(Reference.parse)
+
+
 @dataclass(frozen=True, slots=True)
 class Descriptor:
     """What is known of a piece of content: its digest, size and media type."""
@@ -119,6 +128,15 @@ def accepts(accept_header: str | None, media_type: str) -> bool:
     """
     if not accept_header:
         return True
+    if len(accept_header) > MAX_CACHED_ACCEPT:
+        return _accepts.__wrapped__(accept_header, media_type)
+    return _accepts(accept_header, media_type)
+
+
+@functools.lru_cache(maxsize=ACCEPT_CACHE)
+def _accepts(accept_header: str, media_type: str) -> bool:
+    """``accepts``, remembered: clients send the same few Accept lines on every request
+    (bounded, as anyone can send any line)."""
     major = media_type.split("/", 1)[0]
     for item in accept_header.split(","):
         value, *params = (p.strip() for p in item.split(";"))

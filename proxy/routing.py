@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.access.bounded import Bounded
 from proxy.errors import NameInvalid, NameUnknown
 from proxy.model import MAX_NAME_LENGTH, parse_name
 from proxy.settings import UpstreamSettings
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+MAX_ROUTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +42,22 @@ class Router:
         self._by_ns = {ns: up for up in upstreams for ns in up.namespaces()}
         self._by_name = {up.name: up for up in upstreams}
         self._default = next((up for up in upstreams if up.default), None)
+        # Routes are a pure function of (name, ns) and the settings: a client pulling an
+        # image asks the same few on every request. Only routes are remembered (a name
+        # that is refused is checked again each time), at most MAX_ROUTES of them.
+        self._routes: Bounded[tuple[str, str | None], Route] = Bounded(MAX_ROUTES)
 
     def route(self, name: str, ns: str | None) -> Route:
         """Route a validated client-side repository name; raises NameUnknown."""
+        key = (name, ns)
+        known = self._routes.get(key)
+        if known is not None:
+            return known
+        route = self._route(name, ns)
+        self._routes[key] = route
+        return route
+
+    def _route(self, name: str, ns: str | None) -> Route:
         parse_name(name)
         if ns is not None:
             upstream = self._by_ns.get(ns.lower())

@@ -115,6 +115,7 @@ class AccessControl:
         )
         self.tokens: TokenService | None = None
         self._headers: Bounded[str, tuple[Identity, float, int]] = Bounded(MAX_HEADERS)
+        self._anonymous_by_address: Bounded[str, Identity] = Bounded(MAX_HEADERS)
         # Keys the pass-through fingerprints; replaced by one derived from the token key
         # at open, so replicas sharing that key share verdicts through Redis.
         self._secret = os.urandom(32)
@@ -160,13 +161,13 @@ class AccessControl:
         if not self.engaged:
             # Nothing to protect: any Authorization header (another scheme, credentials
             # meant for someone else) is ignored, as it was before access control.
-            identity = Identity("anonymous", address)
+            identity = self._anonymous(address)
             request[IDENTITY_KEY] = identity
             return identity
         header = request.headers.get("Authorization")
         try:
             if header is None:
-                identity = Identity("anonymous", address)
+                identity = self._anonymous(address)
             else:
                 identity = await self._remembered(header, address)
         except Unauthorized as exc:
@@ -184,7 +185,17 @@ class AccessControl:
         request[IDENTITY_KEY] = identity
         return identity
 
+    def _anonymous(self, address: str) -> Identity:
+        """The anonymous identity of ``address``: one value per address (identities are
+        immutable), so a busy client costs no new one per request."""
+        identity = self._anonymous_by_address.get(address)
+        if identity is None:
+            identity = self._anonymous_by_address[address] = Identity("anonymous", address)
+        return identity
+
     def address(self, request: web.Request) -> str:
+        if not self._trusted:  # X-Forwarded-For is only read from trusted proxies
+            return request.remote or "unknown"
         # Every X-Forwarded-For line, in order: a proxy that appends its own line must not
         # leave the client's forged first line to decide.
         forwarded = ", ".join(request.headers.getall("X-Forwarded-For", [])) or None

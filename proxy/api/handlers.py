@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from proxy import metrics
 from proxy.access.control import IDENTITY_KEY, AccessControl
@@ -26,7 +27,14 @@ from proxy.access.limits import QuotaGate
 from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.errors import Denied, RegistryError, RouteUnknown, Unauthorized, Unsupported
 from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
-from proxy.model import MEDIA_TYPE_OCTET_STREAM, Digest, Outcome, Reference
+from proxy.model import (
+    MEDIA_TYPE_OCTET_STREAM,
+    Digest,
+    Outcome,
+    Reference,
+    parse_digest,
+    parse_reference,
+)
 from proxy.pullthrough.operations import CacheOperations
 from proxy.pullthrough.registry import PullThroughRegistry, UpstreamServices
 from proxy.pullthrough.warm import PinRefresher, Warmer, warm_refs
@@ -51,18 +59,31 @@ class Target:
 
 def parse_target(tail: str) -> Target:
     """Split ``<name>/manifests/<ref>``, ``<name>/blobs/<digest>``, ``<name>/tags/list``."""
+    if len(tail) > MAX_CACHED_TAIL:
+        return _parse_target(tail)
+    return _parsed_target(tail)
+
+
+def _parse_target(tail: str) -> Target:
     if tail.endswith("/tags/list"):
         return Target("tags", tail[: -len("/tags/list")], "")
     name, found, reference = tail.rpartition("/referrers/")
     if found and name and reference and "/" not in reference:
         return Target("referrers", name, reference)
-    if re.search(r"/blobs/uploads(?:/[^/]*)?$", tail):
+    if "/blobs/uploads" in tail and _UPLOADS.search(tail):
         raise Unsupported("this is a pull-through cache: pushing is not supported")
     for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob")):
         name, found, reference = tail.rpartition(marker)
         if found and name and reference and "/" not in reference:
             return Target(kind, name, reference)
     raise RouteUnknown(f"not an endpoint of this registry: {tail[:200]!r}")
+
+
+_UPLOADS = re.compile(r"/blobs/uploads(?:/[^/]*)?$")
+MAX_CACHED_TAIL = 512
+# A pull asks for the same paths again and again; what parses is remembered (a path that
+# does not raises again each time).
+_parsed_target = functools.lru_cache(maxsize=4096)(_parse_target)
 
 
 async def base(request: web.Request) -> web.Response:
@@ -87,15 +108,22 @@ async def base(request: web.Request) -> web.Response:
 async def _admit(request: web.Request, control: AccessControl, identity: Identity) -> None:
     """Count the request for its identity and apply the request rate limit."""
     control.usage.add(identity.key, identity.label, "requests")
-    await control.limits.admit_request(identity.key, identity.label)
+    if control.limits.requests is not None:
+        await control.limits.admit_request(identity.key, identity.label)
 
 
 def _served(request: web.Request, source: str, size: int) -> None:
-    metrics.SERVED_BYTES.labels(source).inc(size)
+    _served_bytes(source).inc(size)
     identity = request.get(IDENTITY_KEY)
     if identity is not None:
         counter = "cache_bytes" if source == "cache" else "upstream_bytes"
         request.app[ACCESS_KEY].usage.add(identity.key, identity.label, counter, size)
+
+
+@functools.lru_cache(maxsize=8)
+def _served_bytes(source: str) -> Counter:
+    """The labelled child, looked up once (``labels()`` validates and locks each call)."""
+    return metrics.SERVED_BYTES.labels(source)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -115,11 +143,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     await _admit(request, control, identity)
     gate = _gate(control, identity)
     if target.kind == "manifest":
-        reference = Reference.parse(target.reference)
+        reference = parse_reference(target.reference)
         await control.authorize(request, route.upstream, route.repo, target.name, str(reference))
         response = await manifest(request, route, services, reference, gate)
     elif target.kind == "blob":
-        digest = Digest.parse(target.reference)
+        digest = parse_digest(target.reference)
         response = await blob(request, route, digest, target.name, gate)
     elif target.kind == "referrers":
         digest = Digest.parse(target.reference)

@@ -38,10 +38,12 @@ class MemoryTagStore(TagService):
 
     def __init__(self, max_entries: int) -> None:
         self._entries: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(max_entries)
+        self._hits = metrics.CACHE_LOOKUPS.labels("tag", "memory", "hit")
+        self._misses = metrics.CACHE_LOOKUPS.labels("tag", "memory", "miss")
 
     async def get(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
         entry = self._entries.get((upstream, repo, tag))
-        metrics.CACHE_LOOKUPS.labels("tag", "memory", "miss" if entry is None else "hit").inc()
+        (self._misses if entry is None else self._hits).inc()
         return entry
 
     async def set(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:

@@ -23,6 +23,7 @@ otherwise the upstream is asked with the client's Accept. Concurrent misses for 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +40,16 @@ from proxy.interfaces import (
     TagRevalidations,
     TagService,
 )
-from proxy.model import MANIFEST_MEDIA_TYPES, Digest, Outcome, Reference, accepts, references
+from proxy.model import (
+    ACCEPT_CACHE,
+    MANIFEST_MEDIA_TYPES,
+    MAX_CACHED_ACCEPT,
+    Digest,
+    Outcome,
+    Reference,
+    accepts,
+    references,
+)
 from proxy.pullthrough.blobs import RepositoryScope
 from proxy.pullthrough.coalesce import Coalescer
 from proxy.settings import UpstreamSettings
@@ -256,6 +266,14 @@ def tag_key(tag: str, accept: str | None) -> str:
     the upstream offers everyone; one with a narrower Accept (an old client that knows no
     indexes) may get another manifest for the same tag, so its answer is cached under its
     own key (``#`` cannot occur in a tag) and never repoints the tag for everyone else."""
+    if accept is not None and len(accept) > MAX_CACHED_ACCEPT:
+        return _tag_key.__wrapped__(tag, accept)
+    return _tag_key(tag, accept)
+
+
+@functools.lru_cache(maxsize=ACCEPT_CACHE)
+def _tag_key(tag: str, accept: str | None) -> str:
+    """``tag_key``, remembered (a warm pull by tag asks it on every request)."""
     if all(accepts(accept, mt) for mt in MANIFEST_MEDIA_TYPES):
         return tag
     return tag + "#" + ",".join(_accept_key(accept))

@@ -55,12 +55,13 @@ class ManifestStore:
         self._before_put = before_put
         """Awaited before a put: an eviction removing the digest finishes first."""
         self._memory: LRUCache[Digest, StoredManifest] = LRUCache(max_memory_bytes, getsizeof=_size)
+        self._memory_hits = metrics.CACHE_LOOKUPS.labels("manifest", "memory", "hit")
 
     async def get(self, digest: Digest) -> StoredManifest | None:
         """The manifest if it is cached locally, else None."""
         manifest = self._memory.get(digest)
         if manifest is not None:
-            metrics.CACHE_LOOKUPS.labels("manifest", "memory", "hit").inc()
+            self._memory_hits.inc()
             return manifest
         metrics.CACHE_LOOKUPS.labels("manifest", "memory", "miss").inc()
         try:

@@ -391,3 +391,15 @@ def test_outcome_header_label_and_source(
     assert Outcome(label) is outcome
     assert outcome.local is local
     assert outcome.source == source
+
+
+def test_a_long_accept_line_is_decided_the_same_without_being_remembered() -> None:
+    from proxy.model import MAX_CACHED_ACCEPT, _accepts
+
+    line = ", ".join(["application/x-filler"] * (MAX_CACHED_ACCEPT // 20)) + ", */*;q=0"
+    line += ", " + MEDIA_TYPE_OCI_MANIFEST
+    assert len(line) > MAX_CACHED_ACCEPT
+    before = _accepts.cache_info().currsize
+    assert accepts(line, MEDIA_TYPE_OCI_MANIFEST)
+    assert not accepts(line, MEDIA_TYPE_OCI_INDEX)
+    assert _accepts.cache_info().currsize == before

@@ -131,3 +131,28 @@ def test_a_name_of_the_longest_length_is_routed(router: Router) -> None:
     assert router.route(name, None).repo == name
     prefixed = "team/" + "a" * 245  # the prefix counts client-side, not upstream
     assert router.route("ghcr/" + prefixed, None).repo == prefixed
+
+
+def test_a_remembered_route_is_the_same_answer(router: Router) -> None:
+    first = router.route("nginx", "GHCR.IO")
+    again = router.route("nginx", "GHCR.IO")
+    assert again is first
+    assert again == Route(GHCR, "nginx", "GHCR.IO")
+    # Another spelling of the same ns is its own entry, echoed as it was sent.
+    assert router.route("nginx", "ghcr.io").namespace == "ghcr.io"
+
+
+def test_a_refused_name_is_refused_every_time(router: Router) -> None:
+    for _ in range(2):
+        with pytest.raises(NameInvalid):
+            router.route("UPPER/case", None)
+        with pytest.raises(NameUnknown):
+            router.route("app", "unknown.example")
+
+
+def test_remembered_routes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("proxy.routing.MAX_ROUTES", 3)
+    bounded = Router((HUB, GHCR, LOCAL))
+    for n in range(10):
+        assert bounded.route(f"team/app{n}", None).repo == f"team/app{n}"
+    assert len(bounded._routes) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -10,7 +11,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from proxy.access.control import IDENTITY_KEY
 from proxy.access.identity import Identity
-from proxy.api.accesslog import AccessLogger
+from proxy.api.accesslog import FIELDS, MESSAGE, AccessLogger, make_record
 from proxy.api.middlewares import OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
 from proxy.model import Outcome
 
@@ -47,3 +48,70 @@ def test_a_pass_through_identity_is_logged_by_kind_never_by_credential(
     record = logged(caplog, request, 401)
     assert record.__dict__["identity"] == "passthrough"
     assert record.__dict__["cache"] == "denied"
+
+
+def test_the_fields_never_overwrite_a_record_attribute() -> None:
+    standard = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
+    assert not standard & set(FIELDS)
+    assert not {"message", "asctime"} & set(FIELDS)
+
+
+def test_every_field_is_on_the_record_and_the_record_says_where_it_was_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = make_mocked_request("HEAD", "/v2/team/app/manifests/v1?ns=docker.io")
+    record = logged(caplog, request, 200)
+    assert record.getMessage() == "HEAD /v2/team/app/manifests/v1?ns=docker.io 200"
+    assert set(FIELDS) <= set(record.__dict__)
+    assert (record.route, record.upstream, record.identity) == ("other", "-", "-")  # type: ignore[attr-defined]
+    assert (record.levelno, record.funcName, record.module) == (logging.INFO, "log", "accesslog")
+
+
+def test_nothing_is_made_when_the_level_is_above_info(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("proxy.access")
+    caplog.set_level(logging.WARNING, logger="proxy.access")
+    access = AccessLogger(logger, "")
+    assert not access.enabled
+    access.log(make_mocked_request("GET", "/v2/"), web.Response(), 0.001)
+    assert not [r for r in caplog.records if r.name == "proxy.access"]
+
+
+def test_a_made_record_is_what_logrecord_makes_but_for_its_time() -> None:
+    args = ("GET", "/v2/", 200)
+    made = make_record("aiohttp.access", args)
+    reference = logging.LogRecord(
+        "aiohttp.access", logging.INFO, made.pathname, made.lineno, MESSAGE, args, None, "log"
+    )
+    timed = {"created", "msecs", "relativeCreated"}
+    assert list(made.__dict__) == list(reference.__dict__)  # same attributes, same order
+    assert {k: v for k, v in made.__dict__.items() if k not in timed} == {
+        k: v for k, v in reference.__dict__.items() if k not in timed
+    }
+    assert abs(made.created - reference.created) < 1
+    assert made.msecs == int((made.created - int(made.created)) * 1000)
+    assert (
+        abs(
+            (made.relativeCreated - reference.relativeCreated) / 1000
+            - (made.created - reference.created)
+        )
+        < 0.001
+    )
+    assert made.getMessage() == "GET /v2/ 200"
+    assert made.args is args
+
+
+def test_an_installed_record_factory_makes_the_records() -> None:
+    made: list[logging.LogRecord] = []
+    original = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = original(*args, **kwargs)
+        made.append(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        record = make_record("aiohttp.access", ("GET", "/v2/", 200))
+    finally:
+        logging.setLogRecordFactory(original)
+    assert made == [record]
