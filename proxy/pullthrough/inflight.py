@@ -346,6 +346,50 @@ class InflightBlobFetches:
         task.add_done_callback(self._tasks.discard)
         return fetch, False
 
+    async def follow_elsewhere(self, digest: Digest) -> BlobFetch | None:
+        """Workers: the fetch of ``digest`` in progress here, or the one another worker
+        of this node runs, followed (for the peer endpoint: a replica asks this node's
+        address and any worker may answer); None when no worker fetches it. A fetch
+        followed this way is not taken over if its owner dies: it fails, and the asking
+        replica takes the fetch over by its own rules."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None or self._shared is None:
+            return fetch
+        claim = await asyncio.to_thread(self._shared.claims.held, digest)
+        if claim is None:
+            return None
+        fetch = self._fetches.get(digest)
+        if fetch is not None:  # started while we looked
+            claim.release()
+            return fetch
+        fetch = BlobFetch(digest, self._store)
+        self._fetches[digest] = fetch
+        task = asyncio.create_task(self._follow_only(fetch, claim), name=f"follow {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch
+
+    async def _follow_only(self, fetch: BlobFetch, claim: Claim) -> None:
+        try:
+            if await self._follow(fetch, claim) is not None:
+                # The owner died (or failed first): leave its file to a worker that can
+                # continue it with an upstream of its own.
+                raise UpstreamUnavailable("the worker fetching this blob is gone")
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            for fut in (fetch.ready, fetch.done):
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            claim.release()
+            if self._fetches.get(fetch.digest) is fetch:
+                del self._fetches[fetch.digest]
+            fetch._notify()
+            fetch.close_file()
+
     async def wait_idle(self) -> None:
         """Wait until every fetch running now has ended (committed or failed)."""
         tasks = list(self._tasks)

@@ -201,6 +201,21 @@ class FetchClaims:
                 return None
             return Claim(digest, path, final, fd, owned=True)
 
+    def held(self, digest: Digest) -> Claim | None:
+        """A follower's claim on the fetch of ``digest`` another process runs now; None
+        when none does (no file, or nobody holds its lock). Never creates the file."""
+        path = self._tmp / f"{digest.hex}{CLAIM_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Claim(digest, path, self._final(digest), fd, owned=False)
+        os.close(fd)  # nobody's: a leftover for the next fetch to continue
+        return None
+
 
 def remove_unlocked(path: Path) -> bool:
     """Remove the temp file ``path`` unless a live process holds a lock on it (a fetch, a

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.rig import oci
 from tests.rig.distribution import push_blob, push_image, random_blob
@@ -30,6 +31,7 @@ from tests.rig.faults import FaultProxy, blobs
 from tests.rig.process import async_wait_until, wait_until
 from tests.rig.proxy_process import ProxyProcess
 from tests.rig.recording import PassThrough
+from tests.rig.redis_server import RedisServer
 from tests.rig.registry import Registry
 from tests.rig.skopeo import Skopeo
 
@@ -40,16 +42,31 @@ BIG = 32 * MiB
 DEADLINE = 60.0
 
 
-def worker_proxy(workdir: Path, upstream_url: str, *, workers: int = 2) -> ProxyProcess:
+def worker_proxy(
+    workdir: Path,
+    upstream_url: str,
+    *,
+    workers: int = 2,
+    redis_url: str | None = None,
+    secret_file: Path | None = None,
+) -> ProxyProcess:
+    """The proxy with ``workers``; with ``secret_file`` a cluster replica (Redis)."""
+    cache: dict[str, object] = {"dir": str(workdir / "cache")}
     mapping: dict[str, object] = {
         "log_level": "info",
         "log_format": "json",
         "workers": workers,
         "shutdown_grace": "20s",
-        "cache": {"dir": str(workdir / "cache")},
+        "cache": cache,
         "upstreams": [{"name": "up", "url": upstream_url, "default": True}],
     }
-    return ProxyProcess(workdir, mapping)
+    if redis_url is not None:
+        cache["redis"] = redis_url
+    proxy = ProxyProcess(workdir, mapping)
+    if secret_file is not None:
+        proxy.mapping["cluster"] = {"advertise": proxy.host, "secret_file": str(secret_file)}
+        proxy.config_path.write_text(yaml.safe_dump(proxy.mapping))
+    return proxy
 
 
 def log_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
@@ -158,6 +175,53 @@ async def test_sixteen_gets_over_both_workers_cost_one_upstream_get(
         )
         assert oci.sha256_digest(blob_path(proxy, digest).read_bytes()) == digest
         assert list((proxy.cache_dir / "tmp").iterdir()) == []
+
+
+async def test_replicas_with_workers_still_fetch_each_blob_once(
+    tmp_path: Path,
+    registry: Registry,
+    passthrough: PassThrough,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Two replicas sharing Redis (``cluster``), one of them with two workers: clients on
+    every worker of both get the blob, and the upstream sends it once. The worker that
+    holds the node's temp file is the one that asks Redis for the lease; the other
+    replica's follower may reach either worker of the owner's node on the peer endpoint
+    (the one without the fetch follows its sibling's file)."""
+    data, digest = random_blob(BIG)
+    await push_blob(http, registry.url, "big/cluster", data)
+    del data
+    secret = tmp_path / "cluster.secret"
+    secret.write_text("cluster-test-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    two = worker_proxy(
+        tmp_path / "two", passthrough.url, redis_url=redis_server.url, secret_file=secret
+    )
+    one = worker_proxy(
+        tmp_path / "one",
+        passthrough.url,
+        workers=1,
+        redis_url=redis_server.url,
+        secret_file=secret,
+    )
+    with two, one:
+        wait_for_workers(two)
+
+        async def get(proxy: ProxyProcess) -> tuple[int, str, int] | str:
+            async with aiohttp.ClientSession() as session:
+                return await fetch_blob(session, f"{proxy.url}/v2/big/cluster/blobs/{digest}")
+
+        results = await asyncio.gather(*(get(p) for p in (two, one) * 8))
+
+        assert results == [(200, digest, BIG)] * 16
+        assert len(passthrough.log.blob_gets(digest)) == 1, passthrough.log.summary()
+        assert set(Counter(x["worker"] for x in access_lines(two, digest))) == {1, 2}
+        for proxy in (two, one):
+            await async_wait_until(
+                blob_path(proxy, digest).is_file, within=DEADLINE, what="the blob committed"
+            )
+            assert oci.sha256_digest(blob_path(proxy, digest).read_bytes()) == digest
 
 
 async def test_sigkill_of_the_fetching_worker_is_taken_over_by_the_other(
