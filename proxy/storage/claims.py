@@ -199,7 +199,11 @@ class FetchClaims:
                     path.unlink()
                 os.close(fd)
                 return None
-            return Claim(digest, path, final, fd, owned=True)
+            claim = Claim(digest, path, final, fd, owned=True)
+            # Any meta file is a former owner's (inode numbers are reused): not ours.
+            with contextlib.suppress(FileNotFoundError):
+                claim.meta_path.unlink()
+            return claim
 
     def held(self, digest: Digest) -> Claim | None:
         """A follower's claim on the fetch of ``digest`` another process runs now; None
