@@ -17,11 +17,15 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 from proxy import __version__, operator
 from proxy.settings import OPTIONS, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from proxy.workers import WorkerRole
 
 EXIT_START_ERROR = 1
 EXIT_CONFIG_ERROR = 2
@@ -37,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "run the proxy"),
         ("check-config", "validate the configuration and print the effective settings"),
     ):
-        _add_options(sub.add_parser(name, help=help_text))
+        _add_options(cmd := sub.add_parser(name, help=help_text))
+        if name == "serve":
+            # Set by the supervisor on the workers it starts (proxy.workers); not for people.
+            cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+            cmd.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
     operator.add_commands(sub, _add_options)
     operator.add_prewarm(sub, _add_options)
     return parser
@@ -57,6 +65,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -70,20 +79,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(operator.run(args, settings))
     if args.command == "prewarm":
         return asyncio.run(operator.prewarm(args, settings))
-    return serve(settings)
+    worker = None
+    if args.worker_index is not None:
+        from proxy.workers import WorkerRole
+
+        worker = WorkerRole(args.worker_index, settings.workers, args.worker_ready_fd)
+    return serve(settings, argv=argv, worker=worker)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, *, argv: Sequence[str] = (), worker: WorkerRole | None = None) -> int:
+    """Run the proxy: one process (``workers: 1``), the supervisor of ``workers``
+    processes started with ``argv`` (``proxy.workers``), or one of those (``worker``)."""
     from proxy import logs
     from proxy.app import run
 
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(
+        settings.log_level, settings.log_format, worker=None if worker is None else worker.index
+    )
     try:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _start_error(f"cannot create cache directory {settings.cache_dir}", exc)
     try:
-        asyncio.run(run(settings))
+        if worker is None and settings.workers > 1:
+            from proxy.workers import supervise
+
+            return supervise(settings, argv)
+        asyncio.run(run(settings, worker=worker))
     except OSError as exc:  # only start-up gets here: serving handles its own errors
         return _start_error("cannot start", exc)
     return 0

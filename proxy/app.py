@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy import __version__, metrics
 from proxy.access.control import AccessControl
@@ -23,11 +25,13 @@ from proxy.pullthrough.registry import PullThroughRegistry
 from proxy.pullthrough.warm import PinRefresher
 from proxy.routing import Router
 from proxy.settings import Settings
+from proxy.workers import MULTIPROC_ENV, WorkerRole
 
 CLIENT_MAX_SIZE = 1 << 20
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, worker: WorkerRole | None = None) -> web.Application:
+    """The main application; ``worker``: one of ``settings.workers`` processes."""
     metrics.BUILD_INFO.info({"version": __version__})
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=CLIENT_MAX_SIZE)
     registry = PullThroughRegistry(settings)
@@ -40,15 +44,25 @@ def create_app(settings: Settings) -> web.Application:
     app[handlers.ACCESS_KEY] = access
     refresher = PinRefresher(registry, settings.pin_refresh or 0.0)
     app[handlers.PIN_REFRESHER_KEY] = refresher
+    if worker is not None:
+        app[handlers.METRICS_REGISTRY_KEY] = worker_metrics()
+        registry.worker = worker
 
     async def registry_ctx(_app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+        sampler: asyncio.Task[None] | None = None
+        if worker is None:
+            metrics.ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
+        else:  # a function gauge is not seen by the other workers: sample it
+            sampler = asyncio.create_task(_sample_tasks(), name="sample-tasks")
         await registry.open()
         await asyncio.to_thread(access.open)
         if settings.pin_refresh is not None and settings.pin:
-            refresher.start()
+            # Workers: the one doing maintenance refreshes the pins (proxy.storage.maintenance).
+            registry.maintenance_task(refresher.start, refresher.close)
         yield
+        if sampler is not None:
+            sampler.cancel()
         await refresher.close()
         await access.close()
         await registry.close()
@@ -89,24 +103,44 @@ def create_runner(app: web.Application, settings: Settings, **kwargs: object) ->
     return GuardedAppRunner(app, connection_guard(settings), **kwargs)
 
 
-def create_metrics_app() -> web.Application:
+TASK_SAMPLE_INTERVAL = 5.0
+
+
+async def _sample_tasks() -> None:
+    while True:
+        metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+        await asyncio.sleep(TASK_SAMPLE_INTERVAL)
+
+
+def worker_metrics() -> CollectorRegistry:
+    """Workers: /metrics renders every worker's samples (the supervisor's directory)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        raise RuntimeError(f"a worker needs {MULTIPROC_ENV} (set by the supervisor)")
+    return metrics.multiprocess_registry(path)
+
+
+def create_metrics_app(worker: WorkerRole | None = None) -> web.Application:
     """/metrics (and /healthz) alone, for a separate scrape address."""
     app = web.Application()
+    if worker is not None:
+        app[handlers.METRICS_REGISTRY_KEY] = worker_metrics()
     app.router.add_get("/metrics", handlers.metrics_endpoint)
     app.router.add_get("/healthz", handlers.healthz)
     return app
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, *, worker: WorkerRole | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then drain (see below) and close resources in
-    reverse."""
+    reverse. A ``worker`` binds its addresses with SO_REUSEPORT beside the other workers
+    and tells the supervisor once it listens."""
     log = logging.getLogger("proxy")
     open_files = raise_open_files_limit()
     runners: list[web.AppRunner] = []
-    main = create_app(settings)
+    main = create_app(settings, worker)
     sites = [(main, settings.listen_host, settings.listen_port)]
     if settings.metrics_listen is not None:
-        sites.append((create_metrics_app(), *settings.metrics_listen))
+        sites.append((create_metrics_app(worker), *settings.metrics_listen))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,8 +172,10 @@ async def run(settings: Settings) -> None:
                 )
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, reuse_port=worker is not None).start()
             log.info("listening on %s:%d", host, port)
+        if worker is not None:
+            worker.announce_ready()
         await stop.wait()
         # Unready and taking no new fetch leases; then (cleanup) the listeners close,
         # responses in flight get up to shutdown_grace, and fetches still running are

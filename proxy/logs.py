@@ -160,9 +160,23 @@ class LoopStreamHandler(logging.StreamHandler[TextIO]):
             super().flush()
 
 
-def configure(level: str, fmt: str) -> None:
+class _Worker(logging.Filter):
+    """Workers (``workers`` > 1): every line says which worker wrote it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
+def configure(level: str, fmt: str, *, worker: int | None = None) -> None:
     handler = LoopStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,7 +6,11 @@ the configured upstream names. Never digests, tags or repository names.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "registry_proxy_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -60,19 +64,30 @@ UPSTREAM_SECONDS = Histogram(
 INFLIGHT_FETCHES = Gauge(
     PREFIX + "inflight_fetches",
     "Upstream blob fetches in progress",
+    multiprocess_mode="livesum",
+)
+WORKER_FETCHES = Counter(
+    PREFIX + "worker_fetches_total",
+    "Blob fetches by how this worker took part (workers > 1): owned (it fetched from the "
+    "upstream), followed (another worker's file was followed), takeover (a dead worker's "
+    "fetch continued here)",
+    ["result"],
 )
 INFLIGHT_READERS = Gauge(
     PREFIX + "inflight_readers",
     "Client responses currently following a blob fetch in progress (the coalesced waiters "
     "and the client that started it)",
+    multiprocess_mode="livesum",
 )
 DISK_BYTES = Gauge(
     PREFIX + "disk_bytes",
     "Bytes of committed content in the cache directory",
+    multiprocess_mode="mostrecent",
 )
 DISK_BLOBS = Gauge(
     PREFIX + "disk_blobs",
     "Committed blobs and manifests in the cache directory",
+    multiprocess_mode="mostrecent",
 )
 EVICTIONS = Counter(
     PREFIX + "evictions_total",
@@ -81,6 +96,7 @@ EVICTIONS = Counter(
 DISK_LIMIT_BYTES = Gauge(
     PREFIX + "disk_limit_bytes",
     "cache.max_size (0 when unbounded)",
+    multiprocess_mode="max",
 )
 EVICTED_IMAGES = Counter(
     PREFIX + "evicted_images_total",
@@ -98,10 +114,12 @@ CACHE_STATE_BYTES = Gauge(
     "Committed bytes by state at the last eviction or GC pass: pinned (never evicted), "
     "evictable (images and loose blobs past min_age), recent (used within min_age)",
     ["state"],
+    multiprocess_mode="mostrecent",
 )
 PINS_OVER_LIMIT = Gauge(
     PREFIX + "pins_over_limit",
     "1 while pinned images alone exceed cache.max_size (they are kept; nothing else fits)",
+    multiprocess_mode="mostrecent",
 )
 GC_REMOVED = Counter(
     PREFIX + "gc_removed_total",
@@ -153,22 +171,26 @@ REDIS_SECONDS = Histogram(
 REDIS_BREAKER_STATE = Gauge(
     PREFIX + "redis_breaker_state",
     "Redis circuit breaker: 0 closed (in use), 1 open (skipped), 2 half-open (probing)",
+    multiprocess_mode="max",
 )
 
 UPSTREAM_UP = Gauge(
     PREFIX + "upstream_up",
     "1 while the upstream's breaker is closed, 0 while it is open or probing",
     ["upstream"],
+    multiprocess_mode="min",
 )
 UPSTREAM_RATELIMIT_REMAINING = Gauge(
     PREFIX + "upstream_ratelimit_remaining",
     "Latest ratelimit-remaining the upstream reported (pulls left in its window)",
     ["upstream"],
+    multiprocess_mode="mostrecent",
 )
 UPSTREAM_RATELIMIT_LIMIT = Gauge(
     PREFIX + "upstream_ratelimit_limit",
     "Latest ratelimit-limit the upstream reported",
     ["upstream"],
+    multiprocess_mode="mostrecent",
 )
 UPSTREAM_RETRIES = Counter(
     PREFIX + "upstream_retries_total",
@@ -223,23 +245,28 @@ PASSTHROUGH_FETCHES = Counter(
 DISK_FREE_BYTES = Gauge(
     PREFIX + "disk_free_bytes",
     "Free space of the cache directory's filesystem, as last checked",
+    multiprocess_mode="mostrecent",
 )
 DISK_MIN_FREE_BYTES = Gauge(
     PREFIX + "disk_min_free_bytes",
     "cache.min_free in bytes: below it no new cache write starts",
+    multiprocess_mode="max",
 )
 DISK_LOW_SPACE = Gauge(
     PREFIX + "disk_low_space",
     "1 while free space is under cache.min_free (misses are served pass-through)",
+    multiprocess_mode="mostrecent",
 )
 
 CLIENT_CONNECTIONS = Gauge(
     PREFIX + "client_connections",
     "Open client connections of the main listener",
+    multiprocess_mode="livesum",
 )
 CLIENT_CONNECTIONS_LIMIT = Gauge(
     PREFIX + "client_connections_limit",
     "server.max_connections in force",
+    multiprocess_mode="livesum",
 )
 CLIENT_CONNECTIONS_CLOSED = Counter(
     PREFIX + "client_connections_closed_total",
@@ -254,6 +281,7 @@ ACCEPT_ERRORS = Counter(
 ASYNCIO_TASKS = Gauge(
     PREFIX + "asyncio_tasks",
     "asyncio tasks of the serving loop (a number that keeps growing is a leak)",
+    multiprocess_mode="livesum",
 )
 MALFORMED_REQUESTS = Counter(
     PREFIX + "malformed_requests_total",
@@ -298,3 +326,26 @@ CLUSTER_MANIFESTS_SHARED = Counter(
     PREFIX + "cluster_shared_manifests_total",
     "Manifests taken from Redis instead of being fetched by digest from the upstream",
 )
+
+
+# --- workers (prometheus_client's multiprocess mode) -------------------------------------
+
+
+class _ProcessLocal:
+    """What the multiprocess files do not hold: the build info (the same in every worker)."""
+
+    def collect(self) -> Iterable[Metric]:
+        return BUILD_INFO.collect()
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """The registry a worker's /metrics renders: every worker's samples from the files in
+    ``path`` (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before the workers
+    start), each Gauge combined as its ``multiprocess_mode`` says: ``livesum`` for what
+    each worker has in progress, ``mostrecent`` for what any of them measured last,
+    ``max``/``min`` for bounds and states. Counters and histograms are summed, those of
+    workers that died included (a count never goes back)."""
+    registry = CollectorRegistry(auto_describe=True)
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(_ProcessLocal())
+    return registry

@@ -89,6 +89,8 @@ DEFAULT_GC_GRACE = 3600.0
 DEFAULT_PROBE_RATE = 120  # per minute
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_SHUTDOWN_GRACE = 25.0
+DEFAULT_WORKERS = 1
+MAX_WORKERS = 256
 ENV_PREFIX = "REGISTRY_PROXY_"
 # The upstream the --upstream option turns the built-in Docker Hub default into.
 OVERRIDDEN_UPSTREAM_NAME = "upstream"
@@ -161,6 +163,20 @@ def parse_size(value: object, key: str) -> int:
     if size <= 0:
         raise ConfigError(key, "must be positive")
     return size
+
+
+def parse_workers(value: object, key: str) -> int:
+    """A number of worker processes from ``4`` or ``auto`` (one per core)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    number: object = value
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_WORKERS:
+        raise ConfigError(
+            key, f"expected a number of workers from 1 to {MAX_WORKERS} or auto, got {value!r}"
+        )
+    return number
 
 
 def parse_fraction(value: object, key: str) -> float:
@@ -477,6 +493,7 @@ def _show_upstreams(upstreams: tuple[UpstreamSettings, ...]) -> list[dict[str, A
 
 
 Duration = Annotated[float, Parse(parse_duration)]
+Workers = Annotated[int, Parse(parse_workers)]
 Size = Annotated[int, Parse(parse_size)]
 Fraction = Annotated[float, Parse(parse_fraction)]
 FreeSpace = Annotated[int | float, Parse(parse_free_space), Show(_show_free_space)]
@@ -726,6 +743,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_listen: Annotated[
         Address | None, Key(help="also serve /metrics on this address", metavar="HOST:PORT")
     ] = None
+    workers: Annotated[
+        Workers,
+        Key(
+            help="processes serving the port and the cache together (auto: one per core)",
+            metavar="N",
+        ),
+    ] = DEFAULT_WORKERS
     cache_dir: Annotated[
         Directory, Key(path="cache.dir", help="local cache directory", metavar="DIR")
     ] = Path(DEFAULT_CACHE_DIR)

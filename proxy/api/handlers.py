@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from proxy import metrics
 from proxy.access.control import IDENTITY_KEY, AccessControl
@@ -43,6 +43,7 @@ from proxy.routing import Route, Router
 log = logging.getLogger(__name__)
 
 REGISTRY_KEY = web.AppKey("registry", PullThroughRegistry)
+METRICS_REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)
 ROUTER_KEY = web.AppKey("router", Router)
 ACCESS_KEY = web.AppKey("access", AccessControl)
 PIN_REFRESHER_KEY = web.AppKey("pin_refresher", PinRefresher)
@@ -431,7 +432,10 @@ async def admin_usage(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     request[ROUTE_KEY] = "metrics"
-    response = web.Response(body=generate_latest())
+    # Workers: every worker's metrics, combined (proxy.metrics.multiprocess_registry).
+    collectors = request.app.get(METRICS_REGISTRY_KEY)
+    body = generate_latest() if collectors is None else generate_latest(collectors)
+    response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 

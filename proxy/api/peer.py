@@ -55,7 +55,8 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         metrics.PEER_REQUESTS.labels("error").inc()
         return error_response(400, "RANGE_INVALID", "offset must be a byte count")
     offset = int(offset_text)
-    fetch = registry.inflight.get(digest)
+    # Workers: the fetch may be another worker's of this node; followed through its file.
+    fetch = await registry.inflight.follow_elsewhere(digest)
     if fetch is not None:
         try:
             await fetch.wait_ready()

@@ -76,9 +76,16 @@ class ClusterBlobSource(BlobSource):
     async def head_blob(self, repo: str, digest: Digest) -> UpstreamBlobHead:
         return await self._inner.head_blob(repo, digest)
 
+    def open_blob(self, repo: str, digest: Digest) -> AbstractAsyncContextManager[UpstreamBlob]:
+        return self.open_blob_from(repo, digest, 0)
+
     @asynccontextmanager
-    async def open_blob(self, repo: str, digest: Digest) -> AsyncIterator[UpstreamBlob]:
-        fetch = ClusterFetch(self._inner, self._node, repo, digest)
+    async def open_blob_from(
+        self, repo: str, digest: Digest, offset: int
+    ) -> AsyncIterator[UpstreamBlob]:
+        """The blob from ``offset`` (a worker continuing a dead sibling's fetch: the same
+        lease rules, every source asked from there; ``size`` None unless 0)."""
+        fetch = ClusterFetch(self._inner, self._node, repo, digest, start=offset)
         try:
             await fetch.open()
             yield fetch
@@ -95,7 +102,13 @@ class ClusterFetch(UpstreamBlob):
     """One blob's bytes, from wherever the cluster says, as one stream from offset 0."""
 
     def __init__(
-        self, inner: ResumableBlobSource, node: ClusterNode, repo: str, digest: Digest
+        self,
+        inner: ResumableBlobSource,
+        node: ClusterNode,
+        repo: str,
+        digest: Digest,
+        *,
+        start: int = 0,
     ) -> None:
         self._inner = inner
         self._node = node
@@ -114,7 +127,7 @@ class ClusterFetch(UpstreamBlob):
         self._size: int | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.received = 0
+        self.received = start
 
     @property
     def size(self) -> int | None:
@@ -209,7 +222,11 @@ class ClusterFetch(UpstreamBlob):
                 async with asyncio.timeout(HOLDER_ANSWER_TIMEOUT):
                     segment = await self._stack.enter_async_context(
                         open_peer_blob(
-                            self._node.session, self._node.signer, address, self._digest, 0
+                            self._node.session,
+                            self._node.signer,
+                            address,
+                            self._digest,
+                            self.received,
                         )
                     )
             except BlobUnknown:

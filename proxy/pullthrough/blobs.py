@@ -26,6 +26,8 @@ the store's ``stat`` and the upstream HEAD are descriptor layers wrapped in
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
+
 from proxy.cache.instrumented import instrumented
 from proxy.errors import BlobUnknown
 from proxy.interfaces import (
@@ -39,9 +41,10 @@ from proxy.interfaces import (
     LocalBlob,
     OpenedBlob,
     RepositoryBlobs,
+    UpstreamBlob,
 )
 from proxy.model import Descriptor, Digest, Outcome
-from proxy.pullthrough.inflight import InflightBlobFetches
+from proxy.pullthrough.inflight import BlobResumer, InflightBlobFetches
 
 
 class RepositoryScope:
@@ -168,11 +171,23 @@ class FetchedBlobs(RepositoryBlobs):
         Only starting a fetch passes the ``gate`` (quotas): joining one costs nothing."""
         if self._gate is not None and self._inflight.get(digest) is None:
             await self._gate.admit()
+        resume: BlobResumer | None = None
+        open_from = getattr(self._source, "open_blob_from", None)
+        if open_from is not None:  # sources that can continue at an offset (Range)
+
+            def resume(offset: int) -> AbstractAsyncContextManager[UpstreamBlob]:
+                opened: AbstractAsyncContextManager[UpstreamBlob] = open_from(
+                    self._repo, digest, offset
+                )
+                return opened
+
         fetch, coalesced = self._inflight.join(
-            digest, lambda: self._source.open_blob(self._repo, digest), self._origin
+            digest, lambda: self._source.open_blob(self._repo, digest), self._origin, resume
         )
         await fetch.wait_ready()
-        return FetchingBlob(fetch, Outcome.COALESCED if coalesced else Outcome.MISS)
+        # Following another worker's fetch is coalescing too, across processes.
+        joined = coalesced or fetch.followed
+        return FetchingBlob(fetch, Outcome.COALESCED if joined else Outcome.MISS)
 
 
 class UpstreamBlobStatter(BlobDescriptorService):

@@ -17,6 +17,17 @@ Protocol:
   that already sent headers instead of finishing a complete-looking 200.
 * A fetch is removed from the registry when it ends; a later miss starts a new one.
 
+Workers (``workers`` > 1: processes sharing the cache directory). Before it asks the
+upstream, a fetch claims the digest's temp file (``proxy.storage.claims``: the file is the
+lock). When another worker holds it, the fetch *follows* that worker's file instead: the
+same ``BlobFetch``, whose ``written`` grows as the file does (``FOLLOW_POLL``), whose last
+byte waits for the owner's commit (the committed file is the same inode), and which fails
+when the owner removed the file without committing. When the owner dies mid-fetch (its
+lock is free, the file uncommitted) the follower takes the lock and continues the fetch
+itself: the bytes in the file are hashed, the rest comes with an upstream ``Range`` (or,
+without a way to resume, from the start again, over the same bytes), and it commits. So
+readers in any worker see one stream of the whole blob, or an error; never a wrong end.
+
 Pass-through. When the cache cannot take the blob (the store's writer has no file: free
 space under ``cache.min_free``; or a write fails with ENOSPC, EIO, EDQUOT...), the fetch
 does not fail: it goes on streaming from the upstream response, and what the file does
@@ -40,6 +51,7 @@ not hold is kept in memory for the readers:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -58,6 +70,8 @@ from proxy.interfaces import (
     UpstreamBlob,
 )
 from proxy.model import Descriptor, Digest
+from proxy.storage.claims import Claim, FileState
+from proxy.storage.disk import DiskBlobStore
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +80,14 @@ WRITE_BATCH = 1 << 20
 DEFAULT_FETCH_TIMEOUT = 3600.0
 PASSTHROUGH_WINDOW = 8 << 20
 """Bytes a pass-through fetch holds in memory past its slowest reader."""
+FOLLOW_POLL = 0.01
+"""How often a fetch followed in another worker's file looks at it (a few syscalls)."""
+CLAIM_ATTEMPTS = 4
+"""Owners a fetch may see fail before it has any byte, before it gives up."""
 
 BlobOpener = Callable[[], AbstractAsyncContextManager[UpstreamBlob]]
+BlobResumer = Callable[[int], AbstractAsyncContextManager[UpstreamBlob]]
+"""The blob's bytes from an offset (``size`` None unless the offset is 0)."""
 Span = tuple[BinaryIO, int, int] | memoryview
 
 
@@ -101,6 +121,8 @@ class BlobFetch(ArrivingBlob):
         self.readers = 0
         self.verified = False
         """Digest and size checked: the whole body may go out (fsync and rename follow)."""
+        self.followed = False
+        """Another worker's fetch, followed through its file (at least for a while)."""
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -135,6 +157,14 @@ class BlobFetch(ArrivingBlob):
         self.written += size
         self.end = self.written
         self._notify()
+
+    def follow_file(self, claim: Claim) -> None:
+        """Read another worker's file through a descriptor of its own, valid whatever
+        happens to the file's name. Not a ``dup`` of the claim's: that would share the
+        file position with the writer of a takeover, and ``loop.sendfile`` seeks it."""
+        assert claim.fd is not None
+        self.temp_path = claim.path
+        self._fd = os.open(f"/proc/self/fd/{claim.fd}", os.O_RDONLY)
 
     def stop_caching(self, reason: str) -> None:
         """The file stops growing at ``written``; from now on bytes are held in memory."""
@@ -272,10 +302,14 @@ class InflightBlobFetches:
         descriptors: BlobDescriptorService,
         *,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
+        shared: DiskBlobStore | None = None,
     ) -> None:
+        """``shared``: the store's directory is shared with other workers; fetches claim
+        their temp files there (``store`` must be that store)."""
         self._store = store
         self._descriptors = descriptors
         self._timeout = timeout
+        self._shared = shared
         self._fetches: dict[Digest, BlobFetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -283,21 +317,78 @@ class InflightBlobFetches:
         return self._fetches.get(digest)
 
     def join(
-        self, digest: Digest, opener: BlobOpener, origin: tuple[str, str] = ("", "")
+        self,
+        digest: Digest,
+        opener: BlobOpener,
+        origin: tuple[str, str] = ("", ""),
+        resume: BlobResumer | None = None,
     ) -> tuple[BlobFetch, bool]:
         """The fetch in progress for ``digest`` (and True), or a new one started with
         ``opener`` (and False). ``origin`` (upstream, repository) is what the new fetch
-        asks upstream for; a joiner from elsewhere must prove its own access first."""
+        asks upstream for; a joiner from elsewhere must prove its own access first.
+        ``resume`` continues a fetch another worker left half done (workers only).
+
+        With workers the new fetch may turn out to follow another worker's (``followed``
+        once ready; its ``origin`` is then that worker's)."""
         fetch = self._fetches.get(digest)
         if fetch is not None:
             metrics.COALESCED.labels("blob").inc()
             return fetch, True
         fetch = BlobFetch(digest, self._store, origin)
         self._fetches[digest] = fetch
-        task = asyncio.create_task(self._run(fetch, opener), name=f"fetch {digest}")
+        run = (
+            self._run(fetch, opener)
+            if self._shared is None
+            else self._run_shared(self._shared, fetch, opener, resume)
+        )
+        task = asyncio.create_task(run, name=f"fetch {digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fetch, False
+
+    async def follow_elsewhere(self, digest: Digest) -> BlobFetch | None:
+        """Workers: the fetch of ``digest`` in progress here, or the one another worker
+        of this node runs, followed (for the peer endpoint: a replica asks this node's
+        address and any worker may answer); None when no worker fetches it. A fetch
+        followed this way is not taken over if its owner dies: it fails, and the asking
+        replica takes the fetch over by its own rules."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None or self._shared is None:
+            return fetch
+        claim = await asyncio.to_thread(self._shared.claims.held, digest)
+        if claim is None:
+            return None
+        fetch = self._fetches.get(digest)
+        if fetch is not None:  # started while we looked
+            claim.release()
+            return fetch
+        fetch = BlobFetch(digest, self._store)
+        self._fetches[digest] = fetch
+        task = asyncio.create_task(self._follow_only(fetch, claim), name=f"follow {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch
+
+    async def _follow_only(self, fetch: BlobFetch, claim: Claim) -> None:
+        try:
+            if await self._follow(fetch, claim) is not None:
+                # The owner died (or failed first): leave its file to a worker that can
+                # continue it with an upstream of its own.
+                raise UpstreamUnavailable("the worker fetching this blob is gone")
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            for fut in (fetch.ready, fetch.done):
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            claim.release()
+            if self._fetches.get(fetch.digest) is fetch:
+                del self._fetches[fetch.digest]
+            fetch._notify()
+            fetch.close_file()
 
     async def wait_idle(self) -> None:
         """Wait until every fetch running now has ended (committed or failed)."""
@@ -415,7 +506,9 @@ class InflightBlobFetches:
                 with suppress(asyncio.CancelledError, Exception):
                     await pending
 
-    async def _run(self, fetch: BlobFetch, opener: BlobOpener) -> None:
+    async def _run(self, fetch: BlobFetch, opener: BlobOpener, claim: Claim | None = None) -> None:
+        """Fetch from the upstream into a temp file (the ``claim``'s with workers, after
+        the ``claim.offset`` bytes already in it), verify, commit; tell the readers."""
         metrics.INFLIGHT_FETCHES.inc()
         writer: BlobWriter | None = None
         try:
@@ -423,12 +516,19 @@ class InflightBlobFetches:
                 # The opener's context spans the commit: a source that coordinates
                 # with others (proxy.cluster) learns there whether the blob was stored.
                 async with opener() as upstream:
-                    fetch.size = upstream.size
-                    writer = await self._store.create(fetch.digest, fetch.size)
-                    fetch.attach(writer.temp_path)
+                    if claim is None or claim.offset == 0:
+                        fetch.size = upstream.size
+                    if claim is not None and self._shared is not None:
+                        writer = await self._shared.create(fetch.digest, fetch.size, claim=claim)
+                        await self._claimed(fetch, claim, writer)
+                    else:
+                        writer = await self._store.create(fetch.digest, fetch.size)
+                    if fetch._fd is None:
+                        fetch.attach(writer.temp_path)
                     if writer.failure is not None:
                         self._pass_through(fetch, writer.failure)
-                    fetch.ready.set_result(None)
+                    if not fetch.ready.done():
+                        fetch.ready.set_result(None)
                     await self._copy(upstream, writer, fetch)
                     expected = Descriptor(fetch.digest, fetch.size or fetch.end)
                     await writer.verify(expected)
@@ -467,3 +567,122 @@ class InflightBlobFetches:
             fetch.close_file()
             if writer is not None:
                 await writer.cancel()  # readers hold open descriptors; unlinking is safe
+            if claim is not None:
+                # After the rename (commit) or the unlink: then the lock may go.
+                await asyncio.to_thread(claim.abandon if writer is None else claim.release)
+
+    # --- workers: the fetch of a claimed file ---------------------------------------------
+
+    async def _claimed(self, fetch: BlobFetch, claim: Claim, writer: BlobWriter) -> None:
+        """The owner's writer is on the claimed file: say so to the followers."""
+        fetch.written = fetch.end = claim.offset
+        fetch._notify()
+        if writer.failure is None:
+            await asyncio.to_thread(claim.publish, fetch.size, fetch.origin)
+        else:
+            await asyncio.to_thread(claim.abandon)  # no file here: followers fetch alone
+
+    async def _run_shared(
+        self,
+        store: DiskBlobStore,
+        fetch: BlobFetch,
+        opener: BlobOpener,
+        resume: BlobResumer | None,
+    ) -> None:
+        """Claim the digest's temp file: own the fetch, follow another worker's, or find
+        the blob committed. A followed owner that dies is taken over."""
+        claim: Claim | None = None
+        try:
+            for _attempt in range(CLAIM_ATTEMPTS):
+                claim = await asyncio.to_thread(store.claims.take, fetch.digest)
+                if claim is None:
+                    await self._found_committed(store, fetch)
+                    return
+                if not claim.owned:
+                    outcome = await self._follow(fetch, claim)
+                    if outcome is None:
+                        return  # committed or failed: the readers know
+                    if outcome is False:
+                        claim.release()
+                        claim = None
+                        continue  # the owner failed before any byte: claim again
+                    metrics.WORKER_FETCHES.labels("takeover").inc()
+                    log.info(
+                        "taking over the fetch of a dead worker at byte %d",
+                        claim.offset,
+                        extra={"digest": str(fetch.digest)},
+                    )
+                else:
+                    metrics.WORKER_FETCHES.labels("owned").inc()
+                owned, claim = claim, None  # _run releases it
+                if owned.offset and resume is not None:
+                    await self._run(fetch, functools.partial(resume, owned.offset), owned)
+                else:
+                    owned.offset = 0  # no way to resume: the same bytes again, from 0
+                    await self._run(fetch, opener, owned)
+                return
+            raise UpstreamUnavailable("the workers fetching this blob kept failing")
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            for fut in (fetch.ready, fetch.done):
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if claim is not None:
+                claim.release()
+            if self._fetches.get(fetch.digest) is fetch:
+                del self._fetches[fetch.digest]
+            fetch._notify()
+            fetch.close_file()
+
+    async def _found_committed(self, store: DiskBlobStore, fetch: BlobFetch) -> None:
+        """The blob was committed between the miss and the claim: serve the file."""
+        descriptor = await store.stat(fetch.digest)
+        fetch.size = fetch.written = fetch.end = descriptor.size
+        fetch.verified = True
+        fetch.ready.set_result(None)
+        fetch.done.set_result(descriptor)
+
+    async def _follow(self, fetch: BlobFetch, claim: Claim) -> bool | None:
+        """Follow another worker's fetch through its file until it ends. None: it ended
+        (committed, or failed: the readers were told); False: it failed before the
+        readers had anything (claim again); True: the owner died, the lock is ours now
+        (``claim.offset`` bytes are in the file)."""
+        fetch.followed = True
+        fetch.follow_file(claim)
+        metrics.WORKER_FETCHES.labels("followed").inc()
+        async with asyncio.timeout(self._timeout):
+            while True:
+                if not fetch.ready.done():
+                    meta = claim.meta()
+                    if meta is not None:
+                        fetch.size, fetch.origin = meta.size, meta.origin
+                        fetch.ready.set_result(None)
+                size = claim.size_now()
+                if size > fetch.written:
+                    fetch.written = fetch.end = size
+                    fetch._notify()
+                locked = claim.try_lock()
+                complete = fetch.size is not None and size >= fetch.size
+                if locked or complete:
+                    state = claim.state()
+                    if state is FileState.COMMITTED:
+                        descriptor = Descriptor(fetch.digest, size)
+                        fetch.size = fetch.written = fetch.end = size
+                        fetch.verified = True
+                        if not fetch.ready.done():
+                            fetch.ready.set_result(None)
+                        fetch.done.set_result(descriptor)
+                        await self._descriptors.set_descriptor(fetch.digest, descriptor)
+                        return None
+                    if state is FileState.REMOVED:
+                        if not fetch.ready.done():
+                            return False
+                        raise UpstreamUnavailable("the worker fetching this blob failed")
+                    if locked:
+                        # Dead; before it had the upstream's answer, nothing to continue.
+                        return fetch.ready.done()
+                await asyncio.sleep(FOLLOW_POLL)  # a poll: the file tells no one it grew

@@ -33,10 +33,12 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import metrics
 from proxy.cache.cached import CachedBlobStatter
@@ -76,10 +78,14 @@ from proxy.storage.disk import DiskBlobStore, DiskDescriptorService
 from proxy.storage.eviction import Evictor
 from proxy.storage.index import FLUSH_INTERVAL, CacheIndex, IndexedTagStore, TagName
 from proxy.storage.lock import DirectoryLock
+from proxy.storage.maintenance import POLL_INTERVAL, RECOUNT_INTERVAL, MaintenanceLock
 from proxy.storage.manifests import ManifestStore
 from proxy.storage.pins import Pins
 from proxy.storage.state import SqliteState
 from proxy.upstream.client import UpstreamClient
+
+if TYPE_CHECKING:
+    from proxy.workers import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +210,9 @@ class PullThroughRegistry:
         )
         self.tags: TagService = IndexedTagStore(tiered, self.index, self._manifest_on_disk)
         self.links: LinkService = TieredLinkStore(MemoryLinkStore(entries * 4), links_l2)
-        self.inflight = InflightBlobFetches(self.store, self.descriptors)
+        # Workers share the directory: fetches claim their temp files there.
+        shared = self.store if settings.workers > 1 else None
+        self.inflight = InflightBlobFetches(self.store, self.descriptors, shared=shared)
         # Replicas as one cache (proxy.cluster): needs Redis and the cluster section.
         self.cluster: ClusterNode | None = None
         self.tag_revalidations: TagRevalidations | None = None
@@ -226,8 +234,14 @@ class PullThroughRegistry:
             pinned=self.pins.image_pinned,
             busy=lambda digest: self.inflight.get(digest) is not None,
         )
-        self.store.on_commit = self.evictor.maybe_start
-        self.store.on_space_needed = lambda: self.evictor.maybe_start(low_space=True)
+        # Workers: only the one holding the maintenance lock evicts on its own.
+        self.store.on_commit = self._committed
+        self.store.on_space_needed = self._space_needed
+        self.worker: WorkerRole | None = None
+        """Set by the app when this is one of several workers (``settings.workers``)."""
+        self.maintenance = MaintenanceLock(settings.cache_dir)
+        self._maintainer: asyncio.Task[None] | None = None
+        self._on_maintaining: list[tuple[Callable[[], None], Callable[[], Awaitable[None]]]] = []
         metrics.DISK_LIMIT_BYTES.set(settings.max_size or 0)
         self.upstreams: dict[str, UpstreamServices] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -240,7 +254,13 @@ class PullThroughRegistry:
         per upstream. Raises ``DirectoryBusy`` when the lock is held the other way."""
         if not await asyncio.to_thread(self.directory_lock.acquire, exclusive=exclusive):
             raise DirectoryBusy(self.settings.cache_dir, exclusive)
-        await asyncio.to_thread(self.store.prepare)
+        # Workers: the supervisor removed the leftovers before any worker ran; a worker
+        # restarting beside live ones must not (their fetches' files are there).
+        shared = self.settings.workers > 1 and not exclusive
+        await asyncio.to_thread(self.store.prepare, remove_leftovers=not shared)
+        if shared:
+            self.store.publishes_usage = False
+            self._maintainer = asyncio.create_task(self._maintain(), name="maintenance")
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
         await asyncio.to_thread(self.index.open_sync)
@@ -273,6 +293,48 @@ class PullThroughRegistry:
                 up, client, manifests, RelayCache(up, "tags"), RelayCache(up, "referrers")
             )
 
+    def _committed(self) -> None:
+        if self.maintaining:
+            self.evictor.maybe_start()
+
+    def _space_needed(self) -> None:
+        if self.maintaining:
+            self.evictor.maybe_start(low_space=True)
+
+    @property
+    def maintaining(self) -> bool:
+        """Whether this process does the directory's background maintenance: always
+        alone; with workers, while it holds the maintenance lock."""
+        return self.settings.workers == 1 or self.maintenance.held
+
+    def maintenance_task(
+        self, start: Callable[[], None], stop: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``start`` once this process maintains the directory (at once when alone);
+        ``stop`` is called at close."""
+        self._on_maintaining.append((start, stop))
+        if self.maintaining:
+            start()
+
+    async def _maintain(self) -> None:
+        """Workers: take the maintenance lock when it is free, then recount and evict."""
+        while True:
+            if await asyncio.to_thread(self.maintenance.try_acquire):
+                break
+            await asyncio.sleep(POLL_INTERVAL)  # a timer: the holder may die at any time
+        log.info("this worker maintains the cache directory")
+        self.store.publishes_usage = True
+        for start, _stop in self._on_maintaining:
+            start()
+        await self.counted()
+        while True:
+            count, size, _seen = await asyncio.to_thread(self.store._count_sync)
+            self.store.recounted(count, size)
+            self.evictor.maybe_start()
+            if await asyncio.to_thread(self.store.low_on_space):
+                self.evictor.maybe_start(low_space=True)
+            await asyncio.sleep(RECOUNT_INTERVAL)
+
     async def _manifest_on_disk(self, digest: Digest) -> bool:
         """Whether the manifest ``digest`` is held, once no removal of it is under way: on
         disk, or in memory only (the disk could not take it: served from there)."""
@@ -291,7 +353,7 @@ class PullThroughRegistry:
             time.perf_counter() - started,
             extra={"dir": str(self.settings.cache_dir)},
         )
-        if evict:  # an operator command removes only what it is asked to
+        if evict and self.maintaining:  # an operator command removes only what it is asked to
             self.evictor.maybe_start()
 
     async def counted(self) -> None:
@@ -306,6 +368,13 @@ class PullThroughRegistry:
             await self.index.flush()
 
     async def close(self) -> None:
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+            self._maintainer = None
+        for _start, stop in self._on_maintaining:
+            await stop()
         if self._counting is not None and not self._counting.done():
             self._counting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -333,6 +402,7 @@ class PullThroughRegistry:
             await asyncio.to_thread(self.state.close)
         await self.index.flush()
         await asyncio.to_thread(self.index.close_sync)
+        self.maintenance.release()
         self.directory_lock.release()
 
     def drain(self) -> None:
@@ -378,6 +448,13 @@ class PullThroughRegistry:
             report["redis"] = {"reachable": await self.redis.ping()}
         if self.cluster is not None:
             report["cluster"] = {"advertise": self.cluster.address}
+        if self.worker is not None:
+            report["worker"] = {
+                "index": self.worker.index,
+                "workers": self.worker.count,
+                "pid": os.getpid(),
+                "maintains": self.maintaining,
+            }
         return writable and not self.draining, report
 
     def services(self, upstream: UpstreamSettings) -> UpstreamServices:

@@ -4,12 +4,16 @@ Layout under the cache directory::
 
     blobs/<algorithm>/<first two hex>/<hex>   committed content, complete by construction
     tmp/<hex>.<random>.part                   ingest in progress; removed at start-up
+    tmp/<hex>.part, tmp/<hex>.meta            a fetch shared by workers (proxy.storage.claims)
 
 A blob is written to ``tmp/``, hashed while it streams, verified against the digest and
 size it was asked for, fsynced and renamed into ``blobs/``: a file under its final name
 is always complete, and a crash leaves at worst a ``.part`` file that the next start
 removes. Blocking file calls run in the default executor, except ``stat`` of a committed
 blob, a metadata call that costs less than the thread hop.
+
+Every temp file is under ``flock`` while its writer has it open, so that start-up (and a
+worker restarting beside live ones) removes only what no live process is writing.
 
 A blob's last use is not written to the file (no ``utime`` per request): ``stat`` reports
 it to ``on_use`` (the index's in-memory access times, flushed in batches); a file's
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -45,6 +50,7 @@ from proxy.errors import (
 )
 from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter
 from proxy.model import Descriptor, Digest
+from proxy.storage.claims import Claim, FetchClaims, remove_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,10 @@ class DiskBlobStore(BlobStore):
         """Called on the event loop when a write failed or could not start for space."""
         self.on_use: Callable[[Digest], None] | None = None
         """Called by ``stat`` of a committed blob: its use, for eviction's recency."""
+        self.claims = FetchClaims(self._tmp, self.path)
+        self.publishes_usage = True
+        """Whether this process sets the disk usage gauges (workers: only the one doing
+        maintenance, whose count includes the others' commits)."""
 
     def open_store(self) -> None:
         """``prepare`` and count what is stored, in one go. Blocking: run it in a thread.
@@ -83,20 +93,27 @@ class DiskBlobStore(BlobStore):
         self.prepare()
         self._counted(*self._count_sync())
 
-    def prepare(self) -> None:
-        """Create the directories and remove temp files a previous run left behind.
-        Blocking, and quick whatever the store holds: it never walks ``blobs/``."""
+    def prepare(self, *, remove_leftovers: bool = True) -> None:
+        """Create the directories and remove the temp files a previous run left behind
+        (those no live process holds a lock on). Blocking, and quick whatever the store
+        holds: it never walks ``blobs/``."""
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         removed = 0
-        for leftover in self._tmp.iterdir():
-            try:
-                leftover.unlink()
+        leftovers = list(self._tmp.iterdir()) if remove_leftovers else []
+        for leftover in leftovers:
+            if leftover.name.endswith(PART_SUFFIX) and remove_unlocked(leftover):
                 removed += 1
-            except IsADirectoryError:
+        for leftover in leftovers:
+            if leftover.name.endswith(PART_SUFFIX):
                 continue
-            except FileNotFoundError:
-                continue
+            # A fetch's meta file (or its half-written temp) outlives its data file only
+            # when the fetch is gone.
+            data = self._tmp / (leftover.name.split(".")[0] + PART_SUFFIX)
+            if not data.exists():
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    leftover.unlink()
+                    removed += 1
         if removed:
             log.info("removed %d leftover temp files", removed, extra={"dir": str(self._tmp)})
         self.counting = True
@@ -133,8 +150,19 @@ class DiskBlobStore(BlobStore):
         self.blob_count += count - len(twice)
         self.counting = False
         self._during = {}
-        metrics.DISK_BYTES.set(self.used_bytes)
-        metrics.DISK_BLOBS.set(self.blob_count)
+        self._publish_usage()
+
+    def _publish_usage(self) -> None:
+        if self.publishes_usage:
+            metrics.DISK_BYTES.set(self.used_bytes)
+            metrics.DISK_BLOBS.set(self.blob_count)
+
+    def recounted(self, count: int, size: int) -> None:
+        """A fresh walk of the store found ``count`` files of ``size`` bytes (workers:
+        the others' commits and removals are seen this way)."""
+        if not self.counting:
+            self.used_bytes, self.blob_count = size, count
+            self._publish_usage()
 
     async def count(self) -> None:
         """Count the committed files in a worker thread while the proxy serves; until
@@ -222,21 +250,35 @@ class DiskBlobStore(BlobStore):
             raise TooLarge(f"blob {digest} is larger than {limit} bytes")
         return data
 
-    async def create(self, digest: Digest, size: int | None = None) -> BlobWriter:
+    async def create(
+        self, digest: Digest, size: int | None = None, *, claim: Claim | None = None
+    ) -> BlobWriter:
         """A writer for ``digest`` (``size`` bytes when known); one without a file (it only
-        hashes, ``failure`` says why) when the space is short or the file cannot be made."""
+        hashes, ``failure`` says why) when the space is short or the file cannot be made.
+
+        With an owned ``claim`` (workers) the writer writes the claimed file, after the
+        ``claim.offset`` bytes already in it (hashed first): a dead owner's fetch goes on."""
         name = f"{digest.hex}.{secrets.token_hex(4)}{PART_SUFFIX}"
-        temp = self._tmp / name
+        temp = self._tmp / name if claim is None else claim.path
+        offset = 0 if claim is None else claim.offset
 
         def _create() -> int | CacheWriteFailed:
             free, threshold = self.space()
-            if free - (size or 0) < threshold:
+            if free - max((size or 0) - offset, 0) < threshold:
                 return CacheWriteFailed(
                     f"{max(free, 0)} bytes free, {threshold} kept free (cache.min_free)",
                     reason="low_space",
                 )
             try:
-                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                if claim is not None:
+                    assert claim.fd is not None and claim.owned
+                    fd = os.dup(claim.fd)  # the claim's descriptor keeps the lock
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    os.ftruncate(fd, offset)
+                    return fd
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # live: prepare keeps it
+                return fd
             except OSError as exc:
                 return CacheWriteFailed(
                     f"cannot create a temp file: {exc.strerror}",
@@ -249,6 +291,8 @@ class DiskBlobStore(BlobStore):
             self._space_needed()
             return DiskBlobWriter(self, digest, None, None, failure=created)
         writer = DiskBlobWriter(self, digest, temp, created, size=size)
+        if offset:
+            await asyncio.to_thread(writer.absorb, offset)
         with self._writers_lock:
             self._writers.add(writer)
         return writer
@@ -294,8 +338,7 @@ class DiskBlobStore(BlobStore):
         self.blob_count += count
         if self.counting and digest is not None and size > 0:
             self._during[digest] = size
-        metrics.DISK_BYTES.set(self.used_bytes)
-        metrics.DISK_BLOBS.set(self.blob_count)
+        self._publish_usage()
 
     async def put(self, digest: Digest, data: bytes) -> Descriptor:
         """Store a small blob held in memory (a manifest) with the same verify-then-rename;
@@ -353,6 +396,19 @@ class DiskBlobWriter(BlobWriter):
         if self._size is None or self._fd is None:
             return 0
         return max(self._size - self._written, 0)
+
+    def absorb(self, offset: int) -> None:
+        """Hash the ``offset`` bytes already in the file (a fetch continued from there).
+        Blocking."""
+        assert self._fd is not None
+        position = 0
+        while position < offset:
+            data = os.pread(self._fd, min(1 << 20, offset - position), position)
+            if not data:
+                raise UpstreamUnavailable("claimed temp file shorter than it was")
+            self._hasher.update(data)
+            position += len(data)
+        self._written = offset
 
     def _write_sync(self, chunks: tuple[bytes, ...]) -> CacheWriteFailed | None:
         with self._lock:

@@ -68,6 +68,7 @@ class SqliteState(TagService, LinkService):
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")  # workers write it from several processes
         db.executescript(_SCHEMA)
         cutoff = self._clock() - self._retention
         db.execute("DELETE FROM tags WHERE fetched_at < ?", (cutoff,))

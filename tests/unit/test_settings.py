@@ -666,6 +666,7 @@ TOP_LEVEL = {
     "log_level": ("log_level", "log_level", "debug", "debug"),
     "log_format": ("log_format", "log_format", "json", "json"),
     "metrics_listen": ("metrics_listen", "metrics_listen", "localhost:9091", ("localhost", 9091)),
+    "workers": ("workers", "workers", "3", 3),
     "cache_dir": ("cache.dir", "cache_dir", "/some/dir", Path("/some/dir")),
     "redis_url": ("cache.redis", "redis", "redis://h:6379/1", "redis://h:6379/1"),
     "memory_entries": ("cache.memory_entries", "memory_entries", "123", 123),
@@ -779,6 +780,7 @@ def test_every_variable_of_before_still_exists_and_the_new_ones_are_named() -> N
     new = {"MEMORY_ENTRIES", "MIN_FREE", "HEADER_TIMEOUT", "KEEPALIVE_TIMEOUT", "SEND_TIMEOUT"}
     new |= {"MAX_CONNECTIONS"} | CACHE_MANAGEMENT_OPTIONS
     new |= {"SHUTDOWN_GRACE", "CLUSTER_ADVERTISE", "CLUSTER_SECRET_FILE", "CLUSTER_LEASE_TTL"}
+    new |= {"WORKERS"}
     assert names == {ENV_PREFIX + name for name in before | new}
     assert {option.flag for option in OPTIONS} == {
         "--" + name.lower().replace("_", "-") for name in before | new
