@@ -40,6 +40,7 @@ not hold is kept in memory for the readers:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -55,9 +56,12 @@ from proxy.interfaces import (
     BlobDescriptorService,
     BlobStore,
     BlobWriter,
+    BlockingBlobWriter,
+    DetachableBlob,
     UpstreamBlob,
 )
 from proxy.model import Descriptor, Digest
+from proxy.pullthrough.pump import pump
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +345,29 @@ class InflightBlobFetches:
         )
 
     async def _copy(self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch) -> None:
-        """Upstream body into the temp file, hashed and written in a worker thread.
+        """Upstream body into the temp file, hashed and written.
+
+        A plain-HTTP body is read, written and hashed by threads of its own, off the
+        event loop (``proxy.pullthrough.pump``); any other body (TLS, a peer's, one that
+        the pump gave back after a cut, a fetch that is pass-through from the start)
+        goes through ``_copy_chunks``, from wherever the pump stopped.
+        """
+        if (
+            fetch.passthrough is None
+            and isinstance(upstream, DetachableBlob)
+            and isinstance(writer, BlockingBlobWriter)
+        ):
+            body = upstream.detach()
+            if body is not None:
+                on_failure = functools.partial(self._pass_through, fetch)
+                if await pump(body, writer, fetch, on_failure):
+                    return
+        await self._copy_chunks(upstream, writer, fetch)
+
+    async def _copy_chunks(
+        self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch
+    ) -> None:
+        """Upstream chunks into the temp file, hashed and written in a worker thread.
 
         Writes overlap reads: while one write runs, what arrives meanwhile is gathered
         and written next in one go (up to ``WRITE_BATCH`` bytes before the reader waits
@@ -390,7 +416,7 @@ class InflightBlobFetches:
                 if pending is current:
                     pending = None
 
-        received = 0
+        received = fetch.end  # more than 0 when it goes on after the pump
         try:
             async for chunk in upstream.chunks():
                 batch.append(chunk)
