@@ -43,7 +43,7 @@ from proxy.interfaces import BlockingBlobWriter, BlockingBody
 
 log = logging.getLogger(__name__)
 
-BUFFER_SIZE = 4 << 20
+BUFFER_SIZE = 2 << 20
 BUFFERS = 4
 FLUSH_WAIT = 0.002
 """How long a part-filled buffer waits for more bytes before it goes to the file."""

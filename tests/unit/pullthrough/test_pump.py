@@ -273,4 +273,4 @@ async def test_a_body_that_cannot_detach_goes_through_chunks(
 
 
 def test_buffers_bound_the_memory_in_flight() -> None:
-    assert pump.BUFFERS * pump.BUFFER_SIZE <= 32 << 20
+    assert pump.BUFFERS * pump.BUFFER_SIZE <= 8 << 20
