@@ -7,8 +7,9 @@ Protocol:
   two requests on the event loop can never start two fetches for one digest.
 * The fetch runs in a task owned by this registry (hence by the application), not by any
   request: a client hanging up never cancels it. It streams the upstream body into a
-  temp file (hashing as it goes, in a worker thread), then verifies digest and size,
-  fsyncs, renames into place and records the descriptor.
+  temp file (hashing as it goes, in worker threads: a plain-HTTP body is received,
+  written and hashed off the event loop by ``proxy.pullthrough.pump``), then verifies
+  digest and size, fsyncs, renames into place and records the descriptor.
 * Every client, the first included, follows the growing temp file from its own offset
   (``BlobFetch.read``): bytes reach all of them as they arrive from upstream, except
   the last byte, which waits for the digest check.

@@ -3,7 +3,7 @@
 ``pump`` takes a body that one thread can read straight from its socket
 (``BlockingBody``) and a writer that threads may feed (``BlockingBlobWriter``):
 
-* The **receiver** thread fills preallocated buffers with ``recv_into`` and writes each
+* The **receiver** thread fills buffers with ``recv_into`` and writes each
   one to the temp file as soon as it is full, or as soon as the socket has had nothing
   more for ``FLUSH_WAIT`` (an upstream that pauses never holds back bytes the readers
   could have). It then tells the event loop how far the file has grown: one callback
@@ -13,7 +13,8 @@
   back. SHA-256 is the slowest step of the byte path (about 1.7 GB/s here), so it runs
   side by side with receiving and writing on the second core, and the digest is ready
   right after the last byte arrives. The buffers bound what is in flight between the
-  two (``BUFFERS`` x ``BUFFER_SIZE``); a slower hasher slows the receiver, never memory.
+  two (at most ``BUFFERS`` x ``BUFFER_SIZE``, allocated as the hasher falls behind, freed
+  when the fetch ends); a slower hasher slows the receiver, it never grows memory.
 
 ``fetch.written`` still only counts bytes in the file, and the fetch still holds the last
 byte back until ``verify`` (after both threads stopped). A write that fails turns the
@@ -85,8 +86,7 @@ class _Pump:
         self._stop = threading.Event()
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._hash: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
-        for _ in range(BUFFERS):
-            self._free.put(bytearray(BUFFER_SIZE))
+        self._buffers = 0  # allocated so far: only as many as the hasher lags behind
         self._written = fetch.written
         self._grow_scheduled = False
         self._caching = fetch.passthrough is None
@@ -167,6 +167,12 @@ class _Pump:
 
     def _take_free(self) -> bytearray:
         while True:
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                if self._buffers < BUFFERS:
+                    self._buffers += 1
+                    return bytearray(BUFFER_SIZE)
             try:
                 return self._free.get(timeout=POLL_SLICE)
             except queue.Empty:
