@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from proxy.errors import CacheWriteFailed
 from proxy.model import Descriptor, Digest, Outcome
@@ -95,6 +95,31 @@ class BlobWriter(Protocol):
 
     async def cancel(self) -> None:
         """Remove the temp file. Idempotent; safe after a failed commit."""
+        ...
+
+
+@runtime_checkable
+class BlockingBlobWriter(Protocol):
+    """A ``BlobWriter`` that worker threads may feed directly, writing and hashing apart
+    (so the two can run side by side on two cores).
+
+    Each byte of the blob goes through ``hash_blocking`` exactly once and in order, and
+    through ``write_blocking`` in the same order until a write fails; ``verify`` and
+    ``commit`` are then called on the event loop as usual, after both threads stopped.
+    """
+
+    def write_blocking(self, data: memoryview) -> CacheWriteFailed | None:
+        """Append ``data`` to the file, without hashing it; blocks (a worker thread).
+        Returns the failure once when the write fails (the file is dropped; later calls
+        do nothing); ``write_failed`` must then be called on the event loop."""
+        ...
+
+    def hash_blocking(self, data: memoryview) -> None:
+        """Add ``data`` to the digest and the size; blocks (a worker thread)."""
+        ...
+
+    def write_failed(self) -> None:
+        """The event loop's side of a failed ``write_blocking`` (space bookkeeping)."""
         ...
 
 
@@ -239,6 +264,51 @@ class UpstreamBlob(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body in chunks. Raises ``UpstreamUnavailable`` when cut off."""
+        ...
+
+
+class BlockingBody(Protocol):
+    """The rest of an upstream body, read by one worker thread straight from its socket
+    (``DetachableBlob.detach``). Every method but ``close`` blocks at most ``wait``'s
+    timeout; none may be called on the event loop."""
+
+    received: int
+    """Bytes of the whole blob received so far (where a resume continues)."""
+
+    read_timeout: float | None
+    """Longest silence of the upstream before the reader gives up (``sock_read``)."""
+
+    @property
+    def done(self) -> bool:
+        """Every byte of the body has been received."""
+        ...
+
+    def readinto(self, view: memoryview) -> int:
+        """Bytes read into ``view`` now, 0 when none are waiting (never more than the
+        body has left). Raises ``OSError`` when the connection failed or ended early."""
+        ...
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for bytes; whether some are waiting."""
+        ...
+
+    def close(self) -> None:
+        """Release the socket (the reader's end; idempotent)."""
+        ...
+
+
+@runtime_checkable
+class DetachableBlob(Protocol):
+    """An ``UpstreamBlob`` whose body can be read off the event loop (plain HTTP)."""
+
+    def detach(self) -> BlockingBody | None:
+        """The body's socket, handed to a blocking reader, or None when this body cannot
+        be (TLS, no length, too short to be worth it, or ``chunks`` has started).
+
+        After a detach the event loop no longer reads that connection and it is never
+        reused. ``chunks`` may still be called after the reader stopped early: it
+        resumes the body from ``BlockingBody.received`` as it would after a cut.
+        """
         ...
 
 

@@ -7,8 +7,9 @@ Protocol:
   two requests on the event loop can never start two fetches for one digest.
 * The fetch runs in a task owned by this registry (hence by the application), not by any
   request: a client hanging up never cancels it. It streams the upstream body into a
-  temp file (hashing as it goes, in a worker thread), then verifies digest and size,
-  fsyncs, renames into place and records the descriptor.
+  temp file (hashing as it goes, in worker threads: a plain-HTTP body is received,
+  written and hashed off the event loop by ``proxy.pullthrough.pump``), then verifies
+  digest and size, fsyncs, renames into place and records the descriptor.
 * Every client, the first included, follows the growing temp file from its own offset
   (``BlobFetch.read``): bytes reach all of them as they arrive from upstream, except
   the last byte, which waits for the digest check.
@@ -67,9 +68,12 @@ from proxy.interfaces import (
     BlobDescriptorService,
     BlobStore,
     BlobWriter,
+    BlockingBlobWriter,
+    DetachableBlob,
     UpstreamBlob,
 )
 from proxy.model import Descriptor, Digest
+from proxy.pullthrough.pump import pump
 from proxy.storage.claims import Claim, FileState
 from proxy.storage.disk import DiskBlobStore
 
@@ -432,7 +436,29 @@ class InflightBlobFetches:
         )
 
     async def _copy(self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch) -> None:
-        """Upstream body into the temp file, hashed and written in a worker thread.
+        """Upstream body into the temp file, hashed and written.
+
+        A plain-HTTP body is read, written and hashed by threads of its own, off the
+        event loop (``proxy.pullthrough.pump``); any other body (TLS, a peer's, one that
+        the pump gave back after a cut, a fetch that is pass-through from the start)
+        goes through ``_copy_chunks``, from wherever the pump stopped.
+        """
+        if (
+            fetch.passthrough is None
+            and isinstance(upstream, DetachableBlob)
+            and isinstance(writer, BlockingBlobWriter)
+        ):
+            body = upstream.detach()
+            if body is not None:
+                on_failure = functools.partial(self._pass_through, fetch)
+                if await pump(body, writer, fetch, on_failure):
+                    return
+        await self._copy_chunks(upstream, writer, fetch)
+
+    async def _copy_chunks(
+        self, upstream: UpstreamBlob, writer: BlobWriter, fetch: BlobFetch
+    ) -> None:
+        """Upstream chunks into the temp file, hashed and written in a worker thread.
 
         Writes overlap reads: while one write runs, what arrives meanwhile is gathered
         and written next in one go (up to ``WRITE_BATCH`` bytes before the reader waits
@@ -481,7 +507,7 @@ class InflightBlobFetches:
                 if pending is current:
                     pending = None
 
-        received = 0
+        received = fetch.end  # more than 0 when it goes on after the pump
         try:
             async for chunk in upstream.chunks():
                 batch.append(chunk)

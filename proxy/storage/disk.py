@@ -48,7 +48,7 @@ from proxy.errors import (
     TooLarge,
     UpstreamUnavailable,
 )
-from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter
+from proxy.interfaces import BlobDescriptorService, BlobStore, BlobWriter, BlockingBlobWriter
 from proxy.model import Descriptor, Digest
 from proxy.storage.claims import Claim, FetchClaims, remove_unlocked
 
@@ -351,8 +351,9 @@ class DiskBlobStore(BlobStore):
             await writer.cancel()
 
 
-class DiskBlobWriter(BlobWriter):
-    """Writes one blob: hashing and writing run together in a worker thread.
+class DiskBlobWriter(BlobWriter, BlockingBlobWriter):
+    """Writes one blob: hashing and writing run together in a worker thread (``write``),
+    or apart, each in a thread of the caller's (``write_blocking``, ``hash_blocking``).
 
     Without a file (``temp`` None: never started, or dropped after a failed write) it only
     hashes; ``failure`` says why, and ``commit`` raises it.
@@ -438,6 +439,36 @@ class DiskBlobWriter(BlobWriter):
             self._drop_file_locked()
             return self.failure
         return None
+
+    def write_blocking(self, data: memoryview) -> CacheWriteFailed | None:
+        with self._lock:
+            if self._cancelled:
+                raise UpstreamUnavailable("blob ingest was cancelled")
+            if self.failure is not None:
+                return None
+            assert self._fd is not None
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            except OSError as exc:
+                self.failure = CacheWriteFailed(
+                    f"writing the cache failed: {exc.strerror}",
+                    reason="write_error",
+                    errno=exc.errno,
+                )
+                self._drop_file_locked()
+                return self.failure
+            return None
+
+    def hash_blocking(self, data: memoryview) -> None:
+        # Not under the lock: only the one hashing thread touches the hasher until
+        # verify, which runs after it stopped; cancel does not touch it.
+        self._hasher.update(data)
+        self._written += len(data)
+
+    def write_failed(self) -> None:
+        self._store._writer_done(self)
+        self._store._space_needed()
 
     async def write(self, *chunks: bytes) -> None:
         """Append and hash ``chunks``; raises ``CacheWriteFailed`` once, when the write

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import select
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -39,6 +42,8 @@ from proxy.errors import (
 )
 from proxy.interfaces import (
     BlobSource,
+    BlockingBody,
+    DetachableBlob,
     ManifestSource,
     UpstreamBlob,
     UpstreamBlobHead,
@@ -61,6 +66,8 @@ breaker, as connection errors and timeouts do."""
 RETRY_BASE_DELAY = 0.05
 READ_BUFSIZE = 1 << 20
 MAX_EXTRA_RESUMES = 3
+DETACH_MIN = 4 << 20
+"""A body with less than this left is read on the event loop: a thread is not worth it."""
 DEFAULT_MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 
 
@@ -73,13 +80,77 @@ class PassThrough:
     body: bytes
 
 
-class AiohttpUpstreamBlob(UpstreamBlob):
+class SocketBody(BlockingBody):
+    """The rest of a plain-HTTP identity body of known length, read from a duplicate of
+    the connection's socket by one worker thread (``recv_into`` into the caller's buffer:
+    no bytes objects, no event loop). What had arrived with the headers comes first.
+
+    The descriptor stays non-blocking (the duplicate shares the flag with the event
+    loop's): ``wait`` polls. ``sock_read`` is the caller's to enforce with ``wait``.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        head: bytes,
+        received: int,
+        remaining: int,
+        upstream: str,
+        read_timeout: float | None,
+    ) -> None:
+        self.read_timeout = read_timeout
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+        self._head = memoryview(head)
+        self.received = received
+        self._remaining = remaining
+        self._counter = metrics.UPSTREAM_BYTES.labels(upstream)
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
+
+    @property
+    def done(self) -> bool:
+        return self._remaining == 0
+
+    def readinto(self, view: memoryview) -> int:
+        view = view[: self._remaining]
+        if not view:
+            return 0
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+        else:
+            try:
+                n = self._sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            if n == 0:
+                raise ConnectionResetError(f"upstream closed with {self._remaining} bytes to go")
+        self._counter.inc(n)
+        self.received += n
+        self._remaining -= n
+        return n
+
+    def wait(self, timeout: float) -> bool:
+        if self._head:
+            return True
+        return bool(self._poll.poll(timeout * 1000))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class AiohttpUpstreamBlob(UpstreamBlob, DetachableBlob):
     """An upstream blob body that resumes itself when the connection is cut.
 
     On a cut-off the remaining bytes are asked for with ``Range: bytes=<received>-``; an
     upstream that answers 206 continues where it stopped, one that answers 200 sends the
     whole blob again and the bytes already received are skipped. The caller sees one
     uninterrupted stream and hashes it whole.
+
+    ``detach`` hands a plain-HTTP body to a worker thread instead (``SocketBody``); when
+    that reader stops early (cut, timed out), ``chunks`` resumes from where it stopped.
     """
 
     def __init__(
@@ -96,6 +167,8 @@ class AiohttpUpstreamBlob(UpstreamBlob):
         self._digest = digest
         self._response = response
         self._offset = offset
+        self._started = False
+        self._detached: SocketBody | None = None
 
     @property
     def size(self) -> int | None:
@@ -103,37 +176,84 @@ class AiohttpUpstreamBlob(UpstreamBlob):
         it from the source it continues)."""
         return self._response.content_length if self._offset == 0 else None
 
+    def detach(self) -> SocketBody | None:
+        if self._offset != 0 or self._started or self._detached is not None:
+            return None
+        response = self._response
+        length = response.content_length
+        connection = response.connection
+        content = response.content
+        if (
+            length is None
+            or "Transfer-Encoding" in response.headers
+            or connection is None
+            or connection.transport is None
+            or connection.protocol is None
+            or content.exception() is not None
+            or length - content.total_bytes < DETACH_MIN
+        ):
+            return None
+        transport = connection.transport
+        sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("ssl_object") is not None or sock is None:
+            return None
+        # Drain what arrived with the headers, then stop the loop reading the socket
+        # (in this order: draining may resume a paused transport). The connection is
+        # never reused: its parser never sees the rest of the body.
+        head = content.read_nowait()
+        connection.protocol.pause_reading()
+        connection.protocol.force_close()
+        body = SocketBody(
+            os.dup(sock.fileno()),
+            head,
+            0,
+            length - content.total_bytes + len(head),
+            self._client.name,
+            self._client.settings.read_timeout,
+        )
+        self._detached = body
+        return body
+
     async def chunks(self) -> AsyncIterator[bytes]:
         counter = metrics.UPSTREAM_BYTES.labels(self._client.name)
+        self._started = True
         received = self._offset
         resumes = 0
-        response = self._response
+        response: aiohttp.ClientResponse | None = self._response
+        cut: BaseException | None = None
+        if self._detached is not None:
+            # A worker thread read the body up to here and stopped: go on with a Range.
+            received = self._detached.received
+            response = None
+            cut = ConnectionResetError("the detached reader stopped early")
         extra: list[aiohttp.ClientResponse] = []
         try:
             while True:
-                try:
-                    # Whatever has arrived, without re-joining it into fixed sizes (the
-                    # fetch batches its disk writes itself).
-                    async for chunk in response.content.iter_any():
-                        received += len(chunk)
-                        counter.inc(len(chunk))
-                        yield chunk
-                    return
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    if resumes >= self._client.settings.retries + MAX_EXTRA_RESUMES:
-                        self._client.health.failure(f"body cut off: {type(exc).__name__}")
-                        raise UpstreamUnavailable(
-                            f"upstream blob body cut off after {received} bytes"
-                        ) from exc
-                    resumes += 1
-                    metrics.UPSTREAM_RETRIES.labels(self._client.name, "resume").inc()
-                    log.info(
-                        "blob body cut off after %d bytes; resuming",
-                        received,
-                        extra={"digest": str(self._digest), "upstream": self._client.name},
-                    )
-                    response = await self._client.resume_blob(self._repo, self._digest, received)
-                    extra.append(response)
+                if response is not None:
+                    try:
+                        # Whatever has arrived, without re-joining it into fixed sizes
+                        # (the fetch batches its disk writes itself).
+                        async for chunk in response.content.iter_any():
+                            received += len(chunk)
+                            counter.inc(len(chunk))
+                            yield chunk
+                        return
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        cut = exc
+                if resumes >= self._client.settings.retries + MAX_EXTRA_RESUMES:
+                    self._client.health.failure(f"body cut off: {type(cut).__name__}")
+                    raise UpstreamUnavailable(
+                        f"upstream blob body cut off after {received} bytes"
+                    ) from cut
+                resumes += 1
+                metrics.UPSTREAM_RETRIES.labels(self._client.name, "resume").inc()
+                log.info(
+                    "blob body cut off after %d bytes; resuming",
+                    received,
+                    extra={"digest": str(self._digest), "upstream": self._client.name},
+                )
+                response = await self._client.resume_blob(self._repo, self._digest, received)
+                extra.append(response)
         finally:
             for r in extra:
                 r.release()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from proxy.errors import (
@@ -18,6 +20,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from proxy.interfaces import DetachableBlob
 from proxy.model import (
     MANIFEST_MEDIA_TYPES,
     MEDIA_TYPE_DOCKER_MANIFEST,
@@ -25,7 +28,7 @@ from proxy.model import (
     Digest,
 )
 from proxy.settings import UpstreamSettings
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import SocketBody, UpstreamClient
 from tests.unit.fake_registry import (
     AUTH_BASIC,
     AUTH_BEARER,
@@ -425,3 +428,99 @@ async def test_manifest_by_tag_contradicting_its_digest_header_is_a_mismatch(
 
     with pytest.raises(DigestMismatch):
         await client.get_manifest(REPO, "v1", None)
+
+
+# --- a body read off the event loop (detach) ------------------------------------------------
+
+BIG_BLOB = bytes(range(256)) * (24 << 12)  # 6 MiB
+
+
+def read_detached(body: SocketBody) -> bytes:
+    """What a pump's receiver does, in short: ``readinto`` and ``wait`` until done."""
+    out = bytearray()
+    buffer = memoryview(bytearray(1 << 20))
+    try:
+        while not body.done:
+            n = body.readinto(buffer)
+            if n:
+                out += buffer[:n]
+            elif not body.wait(5.0):
+                raise TimeoutError
+    finally:
+        body.close()
+    return bytes(out)
+
+
+async def test_a_plain_http_body_detaches_and_reads_whole_off_the_loop(
+    aiohttp_server: AiohttpServer, make_client: ClientFactory
+) -> None:
+    registry = FakeRegistry()
+    digest = registry.add_blob(REPO, BIG_BLOB)
+    client = await make_client(await serve(aiohttp_server, registry))
+
+    async with client.open_blob(REPO, digest) as blob:
+        assert isinstance(blob, DetachableBlob)
+        body = blob.detach()
+        assert body is not None
+        assert blob.detach() is None, "once only"
+        data = await asyncio.to_thread(read_detached, body)
+    assert data == BIG_BLOB
+    # The detached connection is never handed to another request.
+    async with client.open_blob(REPO, digest) as blob:
+        assert b"".join([chunk async for chunk in blob.chunks()]) == BIG_BLOB
+
+
+async def test_a_small_body_is_not_detached(
+    aiohttp_server: AiohttpServer, make_client: ClientFactory
+) -> None:
+    registry = FakeRegistry()
+    digest = registry.add_blob(REPO, BLOB)
+    client = await make_client(await serve(aiohttp_server, registry))
+    async with client.open_blob(REPO, digest) as blob:
+        assert isinstance(blob, DetachableBlob)
+        assert blob.detach() is None
+        assert b"".join([chunk async for chunk in blob.chunks()]) == BLOB
+
+
+async def test_chunks_resume_with_range_where_the_detached_reader_was_cut(
+    aiohttp_server: AiohttpServer, make_client: ClientFactory
+) -> None:
+    digest = Digest.of(BIG_BLOB)
+    cut = 5 << 20
+    ranges: list[str | None] = []
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        ranges.append(request.headers.get("Range"))
+        if request.headers.get("Range"):
+            start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            rest = BIG_BLOB[start:]
+            return web.Response(
+                status=206,
+                body=rest,
+                headers={"Content-Range": f"bytes {start}-{len(BIG_BLOB) - 1}/{len(BIG_BLOB)}"},
+            )
+        response = web.StreamResponse(headers={"Content-Length": str(len(BIG_BLOB))})
+        await response.prepare(request)
+        await response.write(BIG_BLOB[:cut])
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get(f"/v2/{REPO}/blobs/{digest}", blob)
+    client = await make_client(await serve_app(aiohttp_server, app))
+    async with client.open_blob(REPO, digest) as opened:
+        assert isinstance(opened, DetachableBlob)
+        body = opened.detach()
+        assert body is not None
+        with pytest.raises(OSError):
+            await asyncio.to_thread(read_detached, body)
+        assert body.received == cut
+        rest = b"".join([chunk async for chunk in opened.chunks()])
+    assert BIG_BLOB[:cut] + rest == BIG_BLOB
+    assert ranges == [None, f"bytes={cut}-"]
+
+
+async def serve_app(aiohttp_server: AiohttpServer, app: web.Application) -> str:
+    server = await aiohttp_server(app)
+    return f"http://{server.host}:{server.port}"
