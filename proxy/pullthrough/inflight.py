@@ -140,6 +140,14 @@ class BlobFetch(ArrivingBlob):
             )
         return descriptor
 
+    def fail(self, error: Exception) -> None:
+        """End the fetch with ``error`` for every reader (what is not settled yet),
+        marked retrieved: the readers may all have left already."""
+        for fut in (self.ready, self.done):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+
     def _notify_consumed(self) -> None:
         event, self._consumed = self._consumed, asyncio.Event()
         event.set()
@@ -380,19 +388,14 @@ class InflightBlobFetches:
                 # continue it with an upstream of its own.
                 raise UpstreamUnavailable("the worker fetching this blob is gone")
         except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
-            for fut in (fetch.ready, fetch.done):
-                if not fut.done():
-                    fut.set_exception(error)
-                    fut.exception()
+            fetch.fail(
+                exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            )
             if not isinstance(exc, Exception):
                 raise
         finally:
             claim.release()
-            if self._fetches.get(fetch.digest) is fetch:
-                del self._fetches[fetch.digest]
-            fetch._notify()
-            fetch.close_file()
+            self._forget(fetch)
 
     async def wait_idle(self) -> None:
         """Wait until every fetch running now has ended (committed or failed)."""
@@ -416,12 +419,17 @@ class InflightBlobFetches:
                 await task
         error = UpstreamUnavailable("fetch cancelled")
         for fetch in list(self._fetches.values()):
-            for fut in (fetch.ready, fetch.done):
-                if not fut.done():
-                    fut.set_exception(error)
-                    fut.exception()
+            fetch.fail(error)
             fetch._notify()
         self._fetches.clear()
+
+    def _forget(self, fetch: BlobFetch) -> None:
+        """A fetch's task ended: out of the registry (if still there), readers woken,
+        its read descriptor closed."""
+        if self._fetches.get(fetch.digest) is fetch:
+            del self._fetches[fetch.digest]
+        fetch._notify()
+        fetch.close_file()
 
     def _pass_through(self, fetch: BlobFetch, failure: CacheWriteFailed) -> None:
         """The cache cannot take the rest of ``fetch``: stream it on from memory."""
@@ -586,11 +594,8 @@ class InflightBlobFetches:
             for fut in (fetch.ready, fetch.done):
                 if fut.done() and not fut.cancelled():
                     fut.exception()
-            if self._fetches.get(fetch.digest) is fetch:
-                del self._fetches[fetch.digest]
             metrics.INFLIGHT_FETCHES.dec()
-            fetch._notify()
-            fetch.close_file()
+            self._forget(fetch)
             if writer is not None:
                 await writer.cancel()  # readers hold open descriptors; unlinking is safe
             if claim is not None:
@@ -649,20 +654,15 @@ class InflightBlobFetches:
                 return
             raise UpstreamUnavailable("the workers fetching this blob kept failing")
         except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
-            for fut in (fetch.ready, fetch.done):
-                if not fut.done():
-                    fut.set_exception(error)
-                    fut.exception()
+            fetch.fail(
+                exc if isinstance(exc, Exception) else UpstreamUnavailable("fetch cancelled")
+            )
             if not isinstance(exc, Exception):
                 raise
         finally:
             if claim is not None:
                 claim.release()
-            if self._fetches.get(fetch.digest) is fetch:
-                del self._fetches[fetch.digest]
-            fetch._notify()
-            fetch.close_file()
+            self._forget(fetch)
 
     async def _found_committed(self, store: DiskBlobStore, fetch: BlobFetch) -> None:
         """The blob was committed between the miss and the claim: serve the file."""
