@@ -30,11 +30,17 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of ``pid`` (utime, stime)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     # after the comm field: state is fields[0], utime is field 14 overall -> index 11
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    user, kernel = cpu_split(pid)
+    return user + kernel
 
 
 def rss_bytes(pid: int) -> int:
@@ -86,6 +92,8 @@ class PhaseStats:
     peak_rss_each: int = 0
     """The largest single process's peak (per worker)."""
     cpu: float = 0.0
+    cpu_user: float = 0.0
+    """Of ``cpu``, what ran in user space (Python, hashing), not in the kernel."""
     processes: int = 1
 
 
@@ -113,11 +121,17 @@ def _tree_rss(pids: list[int]) -> dict[int, int]:
 
 
 def _tree_cpu(pids: list[int]) -> float:
-    total = 0.0
+    return sum(_tree_cpu_split(pids))
+
+
+def _tree_cpu_split(pids: list[int]) -> tuple[float, float]:
+    user = kernel = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
-            total += cpu_seconds(pid)
-    return total
+            u, k = cpu_split(pid)
+            user += u
+            kernel += k
+    return user, kernel
 
 
 def _tree_hwm(pids: list[int]) -> dict[int, int]:
@@ -193,7 +207,7 @@ class Monitor:
                 stats.peak_rss_each = max(stats.peak_rss_each, max(before.values()))
                 stats.peak_rss = max(stats.peak_rss, stats.peak_rss_each)
             reset = all([reset_hwm(pid) for pid in pids])
-        start_cpu = _tree_cpu(pids)
+        start_user, start_kernel = _tree_cpu_split(pids)
         peak_sum = 0
         peak_each: dict[int, int] = {}
         stop = threading.Event()
@@ -216,7 +230,9 @@ class Monitor:
             stop.set()
             sampler.join()
             time.sleep(0)
-            result.cpu = _tree_cpu(pids) - start_cpu
+            user, kernel = _tree_cpu_split(pids)
+            result.cpu_user = user - start_user
+            result.cpu = result.cpu_user + kernel - start_kernel
             hwm = _tree_hwm(pids) if reset else {}
             each = {pid: max(peak_each.get(pid, 0), hwm.get(pid, 0)) for pid in pids}
             result.peak_rss_each = max(each.values(), default=0)

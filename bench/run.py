@@ -24,6 +24,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+from bench import pagecache
 from bench.config import HELP, SCENARIOS, Config
 from bench.environment import environment, git_rev, git_rev_of, load_average, proxy_tree
 from bench.nginx import nginx_version
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None:
         env_info.append((f"proxy-w{args.workers}", f"workers: {args.workers} (config file)"))
     load_start = load_average()
+    write_start = pagecache.probe(workdir / "probe")
+    reported_start = pagecache.reported_mib()
     tree = proxy_tree()
     bench.say(f"scratch directory {workdir}; load average {load_start}")
     try:
@@ -176,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         env_info.append(
             ("load average (1, 5, 15 min)", f"{load_start} at start, {load_end} at end")
         )
+        reported_end = pagecache.reported_mib()
+        write_end = pagecache.probe(workdir / "probe")
+        env_info.append(("new-file write cost at start", write_start.text()))
+        env_info.append(("new-file write cost at end", write_end.text()))
+        if reported_start is not None and reported_end is not None:
+            env_info.append(
+                (
+                    "free memory reported to the host during the run",
+                    f"{(reported_end - reported_start) / 1024:.1f} GiB (page_reporting)",
+                )
+            )
         table = rows(bench.results, config, bench.run_stats())
         issue = goals(bench.results, config, bench.run_stats())
         report = Report(

@@ -293,6 +293,7 @@ class Scenarios:
                 self.results.add(f"{key}_{state}_rss", target.name, phase.peak_rss / MiB)
                 self.results.add(f"{key}_{state}_rss_each", target.name, phase.peak_rss_each / MiB)
                 self.results.add(f"{key}_{state}_cpu", target.name, phase.cpu)
+                self.results.add(f"{key}_{state}_cpu_user", target.name, phase.cpu_user)
                 self.results.add(f"{key}_{state}_upbytes", target.name, window.bytes / layer.size)
                 each = (
                     f" ({phase.processes} processes, largest {phase.peak_rss_each / MiB:.0f})"

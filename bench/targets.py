@@ -250,6 +250,10 @@ def rows(r: Results, c: Config, run_stats: Mapping[str, ProcessStats]) -> list[R
                 else None
             ),
         ),
+        Row(
+            "CPU s per GiB cold: user space only (not the kernel's copies and page cache)",
+            {n: None if v is None else v / gib for n, v in m("big_cold_cpu_user").items()},
+        ),
         Row(f"CPU s serving {big} blob warm", m("big_warm_cpu")),
         Row(
             "peak RSS MiB over the run (all processes)",
