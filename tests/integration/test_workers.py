@@ -165,6 +165,10 @@ async def test_sixteen_gets_over_both_workers_cost_one_upstream_get(
         assert results == [(200, digest, BIG)] * 16
         assert len(passthrough.log.blob_gets(digest)) == 1, passthrough.log.summary()
         assert passthrough.log.blob_bytes_served(digest) == BIG
+        # An access line is written after its client has the response: wait for all 16.
+        await async_wait_until(
+            lambda: len(access_lines(proxy, digest)) >= 16, within=DEADLINE, what="16 lines"
+        )
         served = Counter(line["worker"] for line in access_lines(proxy, digest))
         assert sum(served.values()) == 16
         assert set(served) == {1, 2}, f"every GET went to one worker: {served}"
@@ -216,6 +220,9 @@ async def test_replicas_with_workers_still_fetch_each_blob_once(
 
         assert results == [(200, digest, BIG)] * 16
         assert len(passthrough.log.blob_gets(digest)) == 1, passthrough.log.summary()
+        await async_wait_until(
+            lambda: len(access_lines(two, digest)) >= 8, within=DEADLINE, what="8 lines"
+        )
         assert set(Counter(x["worker"] for x in access_lines(two, digest))) == {1, 2}
         for proxy in (two, one):
             await async_wait_until(
