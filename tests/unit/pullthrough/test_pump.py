@@ -9,7 +9,7 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -193,22 +193,22 @@ async def test_wrong_bytes_never_reach_a_reader_whole_nor_the_store(
 
 
 class FailingWrites:
-    """``os.write`` on the blob's temp file fails once ``budget`` bytes are in."""
+    """``os.writev`` on the blob's temp file fails once ``budget`` bytes are in."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.written = 0
         self.failures = 0
-        self._write = os.write
+        self._writev = os.writev
 
-    def write(self, fd: int, data: memoryview | bytes) -> int:  # type: ignore[override]
+    def writev(self, fd: int, buffers: Sequence[memoryview | bytes]) -> int:
         if not os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
-            return self._write(fd, data)
+            return self._writev(fd, buffers)
         room = self.budget - self.written
         if room <= 0:
             self.failures += 1
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = self._write(fd, data[:room])
+        n = os.write(fd, b"".join(buffers)[:room])
         self.written += n
         return n
 
@@ -217,7 +217,7 @@ class FailingWrites:
 def failing_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], FailingWrites]]:
     def install(budget: int) -> FailingWrites:
         writes = FailingWrites(budget)
-        monkeypatch.setattr(os, "write", writes.write)
+        monkeypatch.setattr(os, "writev", writes.writev)
         return writes
 
     yield install
