@@ -59,13 +59,14 @@ TMP_DIR = "tmp"
 PART_SUFFIX = ".part"
 MIN_FREE_CAP_BYTES = 1 << 30
 MIN_FREE_CAP_SHARE = 0.05
+"""Without ``min_free``: keep the smaller of 1 GiB and 5 % of the filesystem free."""
 WRITE_SLICE = 256 << 10
 """The most one write(2) to a temp file carries. The kernel sizes a new page-cache folio
 by the write: a write of 2 MiB or more gets huge folios, which on this VM (and any guest
-whose free memory the host takes back) cost 3.0-3.6 s of kernel time per GiB to fill,
-against 0.4-0.8 s for writes of 32 KiB to 1 MiB (bench/README.md)."""
+whose free memory the host takes back) cost 2.9-3.6 s of kernel time per GiB to fill,
+against 0.3-0.8 s for writes of 16 KiB to 1 MiB (bench/README.md)."""
 IOV_MAX = 1024
-"""Without ``min_free``: keep the smaller of 1 GiB and 5 % of the filesystem free."""
+"""The most pieces one writev(2) takes (Linux's UIO_MAXIOV)."""
 
 
 class DiskBlobStore(BlobStore):

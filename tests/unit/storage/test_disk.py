@@ -10,7 +10,16 @@ import pytest
 
 from proxy.errors import BlobUnknown, CacheWriteFailed, DigestMismatch, TooLarge
 from proxy.model import Descriptor, Digest
-from proxy.storage.disk import BLOBS_DIR, PART_SUFFIX, TMP_DIR, DiskBlobStore, DiskDescriptorService
+from proxy.storage.disk import (
+    BLOBS_DIR,
+    IOV_MAX,
+    PART_SUFFIX,
+    TMP_DIR,
+    WRITE_SLICE,
+    DiskBlobStore,
+    DiskBlobWriter,
+    DiskDescriptorService,
+)
 
 DATA = b"layer bytes " * 1000
 DIGEST = Digest.of(DATA)
@@ -47,6 +56,42 @@ async def test_create_write_commit_puts_the_file_in_place(store: DiskBlobStore) 
     assert temp_files(store) == []
     await writer.cancel()  # after commit: a no-op that must not remove the blob
     assert store.path(DIGEST).read_bytes() == DATA
+
+
+async def test_writes_go_to_the_file_in_slices_and_survive_short_writes(
+    store: DiskBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No write(2) carries more than WRITE_SLICE bytes (a 2 MiB write fills huge page-cache
+    folios, several times dearer) nor more than IOV_MAX pieces; a short write goes on
+    where it stopped. Both the pump's 2 MiB buffers and many small chunks."""
+    big = os.urandom(2 * WRITE_SLICE + 12345)
+    small = [os.urandom(100) for _ in range(IOV_MAX * 3)]
+    data = big + b"".join(small) + big
+    digest = Digest.of(data)
+    writer = await store.create(digest, len(data))
+    assert isinstance(writer, DiskBlobWriter)
+    calls: list[tuple[int, int]] = []
+    real_writev = os.writev
+
+    def writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append((sum(len(b) for b in buffers), len(buffers)))
+        if len(calls) % 3 == 0:  # every third call is short: a third of its bytes
+            return os.write(fd, b"".join(buffers)[: max(1, calls[-1][0] // 3)])
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev)
+    assert writer.write_blocking(memoryview(big)) is None
+    writer.hash_blocking(memoryview(big))  # the pump hashes its buffers apart
+    await writer.write(*small)
+    assert writer.write_blocking(memoryview(big)) is None
+    writer.hash_blocking(memoryview(big))
+    monkeypatch.setattr(os, "writev", real_writev)
+
+    assert max(size for size, _ in calls) == WRITE_SLICE
+    assert max(pieces for _, pieces in calls) <= IOV_MAX
+    assert writer.temp_path is not None and writer.temp_path.read_bytes() == data
+    await writer.commit(Descriptor(digest, len(data), "application/x-test"))
+    assert store.path(digest).read_bytes() == data
 
 
 async def test_two_writers_of_one_digest_use_distinct_temp_files(store: DiskBlobStore) -> None:
