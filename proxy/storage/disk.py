@@ -65,8 +65,8 @@ WRITE_SLICE = 256 << 10
 by the write: a write of 2 MiB or more gets huge folios, which on this VM (and any guest
 whose free memory the host takes back) cost 2.9-3.6 s of kernel time per GiB to fill,
 against 0.3-0.8 s for writes of 16 KiB to 1 MiB (bench/README.md)."""
-IOV_MAX = 1024
-"""The most pieces one writev(2) takes (Linux's UIO_MAXIOV)."""
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+"""The most pieces one writev(2) takes (1024 on Linux)."""
 
 
 class DiskBlobStore(BlobStore):
