@@ -94,6 +94,18 @@ def access_lines(proxy: ProxyProcess, path_part: str) -> list[dict[str, Any]]:
     ]
 
 
+async def served_by_worker(proxy: ProxyProcess, path_part: str, count: float) -> Counter[int]:
+    """Access lines of ``path_part`` by worker, once there are ``count``: a line is
+    written after its client has the response (on the loop's next turn), so right after
+    the last response it may still be on its way."""
+    await async_wait_until(
+        lambda: len(access_lines(proxy, path_part)) >= count,
+        within=DEADLINE,
+        what=f"{count} access lines of {path_part}",
+    )
+    return Counter(line["worker"] for line in access_lines(proxy, path_part))
+
+
 def blob_path(proxy: ProxyProcess, digest: str) -> Path:
     hex_digest = digest.removeprefix("sha256:")
     return proxy.cache_dir / "blobs" / "sha256" / hex_digest[:2] / hex_digest
@@ -165,11 +177,7 @@ async def test_sixteen_gets_over_both_workers_cost_one_upstream_get(
         assert results == [(200, digest, BIG)] * 16
         assert len(passthrough.log.blob_gets(digest)) == 1, passthrough.log.summary()
         assert passthrough.log.blob_bytes_served(digest) == BIG
-        # An access line is written after its client has the response: wait for all 16.
-        await async_wait_until(
-            lambda: len(access_lines(proxy, digest)) >= 16, within=DEADLINE, what="16 lines"
-        )
-        served = Counter(line["worker"] for line in access_lines(proxy, digest))
+        served = await served_by_worker(proxy, digest, 16)
         assert sum(served.values()) == 16
         assert set(served) == {1, 2}, f"every GET went to one worker: {served}"
         follows = proxy.metric("registry_proxy_worker_fetches_total", result="followed")
@@ -220,10 +228,7 @@ async def test_replicas_with_workers_still_fetch_each_blob_once(
 
         assert results == [(200, digest, BIG)] * 16
         assert len(passthrough.log.blob_gets(digest)) == 1, passthrough.log.summary()
-        await async_wait_until(
-            lambda: len(access_lines(two, digest)) >= 8, within=DEADLINE, what="8 lines"
-        )
-        assert set(Counter(x["worker"] for x in access_lines(two, digest))) == {1, 2}
+        assert set(await served_by_worker(two, digest, 8)) == {1, 2}
         for proxy in (two, one):
             await async_wait_until(
                 blob_path(proxy, digest).is_file, within=DEADLINE, what="the blob committed"
@@ -314,24 +319,15 @@ async def test_metrics_are_summed_over_the_workers(
                 session.get(f"{proxy.url}/v2/") as response,
             ):
                 assert response.status == 200
-        # The counter is bumped before a response is written, the access line after the
-        # client has it (and the log handler writes on the loop's next turn): so the last
-        # line may still be on its way; wait for the log to catch up with the counter.
+        # The counter is bumped before a response is written: wait for the access log
+        # to catch up with it.
         counted = proxy.metric(
             "registry_proxy_http_requests_total", route="base", method="GET", status="2xx"
         )
         assert counted >= 30
-
-        def served() -> Counter[int]:
-            return Counter(line["worker"] for line in access_lines(proxy, "GET /v2/ "))
-
-        wait_until(
-            lambda: sum(served().values()) >= counted,
-            within=DEADLINE,
-            what=f"{counted} access lines for GET /v2/",
-        )
-        assert sum(served().values()) == counted, served()
-        assert set(served()) == {1, 2}, served()
+        served = await served_by_worker(proxy, "GET /v2/ ", counted)
+        assert sum(served.values()) == counted, served
+        assert set(served) == {1, 2}, served
         # A gauge of what each worker has in progress is summed over the live ones; the
         # build info is there once.
         samples = proxy.metrics()
