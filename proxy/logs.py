@@ -65,22 +65,40 @@ class _SecondsCache:
         return self._text
 
 
+def _msecs(created: float) -> float:
+    """A record's ``msecs`` for ``created``, as ``LogRecord.__init__`` sets it."""
+    return int((created - int(created)) * 1000) + 0.0
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._seconds = _SecondsCache("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "ts": f"{self._seconds.format(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+        out = self._object(record.created, record.msecs, record.levelname, record.name)
+        out["msg"] = record.getMessage()
         out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+    def format_fields(
+        self, created: float, levelname: str, name: str, message: str, extras: dict[str, object]
+    ) -> str:
+        """What ``format`` makes of a record with these attributes and ``extra=``
+        fields, with no exception or stack attached."""
+        out = self._object(created, _msecs(created), levelname, name)
+        out["msg"] = message
+        out.update(extras)
+        return json.dumps(out, default=str)
+
+    def _object(self, created: float, msecs: float, levelname: str, name: str) -> dict[str, object]:
+        return {
+            "ts": f"{self._seconds.format(created)}.{int(msecs):03d}Z",
+            "level": levelname.lower(),
+            "logger": name,
+        }
 
 
 class TextFormatter(logging.Formatter):
@@ -105,10 +123,21 @@ class TextFormatter(logging.Formatter):
         if record.stack_info:
             stack = self.formatStack(record.stack_info)
             line += stack if line[-1:] == "\n" else "\n" + stack
-        extras = _extras(record)
-        if extras:
-            line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
-        return line
+        return line + _text_extras(_extras(record))
+
+    def format_fields(
+        self, created: float, levelname: str, name: str, message: str, extras: dict[str, object]
+    ) -> str:
+        """What ``format`` makes of a record with these attributes and ``extra=``
+        fields, with no exception or stack attached."""
+        asctime = MSEC_FORMAT % (self._seconds.format(created), _msecs(created))
+        return f"{asctime} {levelname} {name} {message}" + _text_extras(extras)
+
+
+def _text_extras(extras: dict[str, object]) -> str:
+    if not extras:
+        return ""
+    return " " + " ".join([f"{k}={v}" for k, v in extras.items()])
 
 
 class LoopStreamHandler(logging.StreamHandler[TextIO]):
@@ -131,6 +160,30 @@ class LoopStreamHandler(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
             return
+        self._queue(line)
+
+    def emit_fields(self, name: str, levelno: int, message: str, extras: dict[str, object]) -> bool:
+        """Write the line a record of logger ``name`` (``message`` and ``extra=`` fields,
+        made now) would give, without making the record: for lines made so often that
+        the record is a noticeable part of their cost (the access log). Done only when
+        the outcome is the same: the formatter is this module's and the only filter is
+        the worker's (else False, and nothing is written)."""
+        formatter = self.formatter
+        if type(formatter) not in _FORMATTERS or levelno < self.level:
+            return False
+        filters = self.filters
+        if filters:
+            if len(filters) > 1 or type(filters[0]) is not _Worker:
+                return False
+            extras = {**extras, "worker": filters[0].index}
+        assert isinstance(formatter, (TextFormatter, JsonFormatter))
+        levelname = logging.getLevelName(levelno)
+        line = formatter.format_fields(time.time(), levelname, name, message, extras)
+        with self.lock:  # type: ignore[union-attr]
+            self._queue(line + self.terminator)
+        return True
+
+    def _queue(self, line: str) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -165,11 +218,34 @@ class _Worker(logging.Filter):
 
     def __init__(self, index: int) -> None:
         super().__init__()
-        self._index = index
+        self.index = index
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.worker = self._index
+        record.worker = self.index
         return True
+
+
+_FORMATTERS = (TextFormatter, JsonFormatter)
+
+
+def direct_handler(logger: logging.Logger) -> LoopStreamHandler | None:
+    """The handler that alone would get a record ``logger`` passes on, when that is a
+    :class:`LoopStreamHandler` (see ``LoopStreamHandler.emit_fields``); None when the
+    record would meet anything else on its way: a filter of the logger, a second
+    handler, no handler at all (``logging.lastResort``), a record factory of its own."""
+    if logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found if type(found) is LoopStreamHandler else None
 
 
 def configure(level: str, fmt: str, *, worker: int | None = None) -> None:

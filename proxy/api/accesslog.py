@@ -12,6 +12,12 @@ thread logs: so the attributes of one record made by ``LogRecord`` are kept per 
 process, thread) and copied into each new record, which then gets its own time (and,
 from Python 3.12, task name) the way ``LogRecord.__init__`` sets them. With a record
 factory other than ``LogRecord`` installed, that factory makes every record.
+
+As set up by ``serve`` (one handler, this project's, on the root logger), no record is
+made at all: the handler writes the line it would have made of one
+(``proxy.logs.direct_handler``). Anything else on the record's way (a filter, another
+handler, a record factory, pytest's log capture) and the record is made and handled
+as above.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy.access.control import IDENTITY_KEY
 from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY, outcome
+from proxy.logs import direct_handler
 
 log = logging.getLogger("proxy.access")
 INFO = logging.INFO
@@ -47,20 +54,23 @@ class AccessLogger(AbstractAccessLogger):
             return
         identity = request.get(IDENTITY_KEY)
         status = response.status
-        record = make_record(logger.name, (request.method, request.path_qs[:512], status))
+        args = (request.method, request.path_qs[:512], status)
         # FIELDS: none of them is a LogRecord attribute (what makeRecord would check).
-        record.__dict__.update(
-            {
-                "remote": request.remote,
-                "route": request.get(ROUTE_KEY, "other"),
-                "status": status,
-                "cache": outcome(request, response).value,
-                "upstream": request.get(UPSTREAM_KEY, "-"),
-                "identity": identity.label if identity is not None else "-",
-                "bytes": response.body_length,
-                "duration_ms": round(time * 1000, 3),
-            }
-        )
+        fields: dict[str, object] = {
+            "remote": request.remote,
+            "route": request.get(ROUTE_KEY, "other"),
+            "status": status,
+            "cache": outcome(request, response).value,
+            "upstream": request.get(UPSTREAM_KEY, "-"),
+            "identity": identity.label if identity is not None else "-",
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 3),
+        }
+        handler = direct_handler(logger)
+        if handler is not None and handler.emit_fields(logger.name, INFO, MESSAGE % args, fields):
+            return
+        record = make_record(logger.name, args)
+        record.__dict__.update(fields)
         logger.handle(record)
 
 

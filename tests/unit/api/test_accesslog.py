@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from proxy import logs
 from proxy.access.control import IDENTITY_KEY
 from proxy.access.identity import Identity
 from proxy.api.accesslog import FIELDS, MESSAGE, AccessLogger, make_record
@@ -115,3 +120,112 @@ def test_an_installed_record_factory_makes_the_records() -> None:
     finally:
         logging.setLogRecordFactory(original)
     assert made == [record]
+
+
+@pytest.fixture
+def root_handler() -> Iterator[Callable[..., io.StringIO]]:
+    """Install the root logger's one handler as ``serve`` does (``logs.configure``), with
+    its lines going to a StringIO; what the root had before is put back after."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+
+    def install(fmt: str, worker: int | None = None) -> io.StringIO:
+        logs.configure("info", fmt, worker=worker)
+        stream = io.StringIO()
+        handler = root.handlers[0]
+        assert isinstance(handler, logs.LoopStreamHandler)
+        handler.setStream(stream)
+        return stream
+
+    yield install
+    root.handlers[:] = saved
+    root.setLevel(level)
+
+
+def a_request() -> web.Request:
+    request = make_mocked_request("GET", "/v2/team/app/manifests/v1?ns=docker.io")
+    request[ROUTE_KEY] = "manifest"
+    request[UPSTREAM_KEY] = "hub"
+    request[OUTCOME_KEY] = Outcome.HIT
+    request[IDENTITY_KEY] = Identity("user", "10.0.0.1", "alice")
+    return request
+
+
+class PassAll(logging.Filter):
+    """A filter that lets everything through: its presence alone sends lines the long
+    way (a record made and handled)."""
+
+
+@pytest.mark.parametrize(("fmt", "worker"), [("text", None), ("json", None), ("text", 1)])
+def test_a_line_made_without_a_record_is_the_line_the_record_makes(
+    root_handler: Callable[..., io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    worker: int | None,
+) -> None:
+    stream = root_handler(fmt, worker)
+    logger = logging.getLogger("proxy.access")
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.625)
+    request, response = a_request(), web.Response(status=200, body=b"x" * 400)
+    assert logs.direct_handler(logger) is logging.getLogger().handlers[0]
+    AccessLogger(logger, "").log(request, response, 0.0125)  # no record
+    logger.addFilter(PassAll())
+    try:
+        assert logs.direct_handler(logger) is None
+        AccessLogger(logger, "").log(request, response, 0.0125)  # a record
+    finally:
+        logger.filters.clear()
+    logging.getLogger().handlers[0].flush()
+    direct, recorded = stream.getvalue().splitlines()
+    assert direct == recorded
+    assert "GET /v2/team/app/manifests/v1?ns=docker.io 200" in direct
+    if fmt == "json":
+        assert json.loads(direct)["ts"] == "2023-11-14T22:13:20.625Z"
+        assert json.loads(direct)["identity"] == "alice"
+    else:
+        assert direct.endswith("duration_ms=12.5" + (" worker=1" if worker else ""))
+
+
+def test_lines_take_the_long_way_when_anything_else_would_see_the_record(
+    root_handler: Callable[..., io.StringIO],
+) -> None:
+    stream = root_handler("text")
+    logger = logging.getLogger("proxy.access")
+    root = logging.getLogger()
+    handler = root.handlers[0]
+    assert isinstance(handler, logs.LoopStreamHandler)
+    assert logs.direct_handler(logger) is handler
+    # A second handler on the way (pytest's log capture is one): both get the record.
+    other = io.StringIO()
+    logger.addHandler(logging.StreamHandler(other))
+    assert logs.direct_handler(logger) is None
+    AccessLogger(logger, "").log(a_request(), web.Response(), 0.001)
+    handler.flush()
+    assert other.getvalue() == "GET /v2/team/app/manifests/v1?ns=docker.io 200\n"
+    assert stream.getvalue().count("GET /v2/team/app/manifests/v1?ns=docker.io 200") == 1
+    logger.handlers.clear()
+    root.handlers[:] = [handler]
+    # Another record factory; no handler at all (logging.lastResort).
+    original = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(lambda *a, **k: original(*a, **k))
+    try:
+        assert logs.direct_handler(logger) is None
+    finally:
+        logging.setLogRecordFactory(original)
+    root.handlers[:] = []
+    assert logs.direct_handler(logger) is None
+    root.handlers[:] = [handler]
+    # A handler of another class, another formatter, a filter that is not the worker's.
+    assert logs.direct_handler(logger) is handler
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    assert not handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(PassAll())
+    assert not handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    handler.filters.clear()
+    handler.setLevel(logging.WARNING)
+    assert not handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    handler.setLevel(logging.NOTSET)
+    assert handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    root.handlers[:] = [logging.StreamHandler(io.StringIO())]
+    assert logs.direct_handler(logger) is None
