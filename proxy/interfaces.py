@@ -391,6 +391,12 @@ class LinkService(Protocol):
         """Whether ``repo`` on ``upstream`` is known to hold ``digest``. Never raises."""
         ...
 
+    def known(self, upstream: str, repo: str, digest: Digest) -> bool:
+        """True when this process already knows (in memory, without waiting on anything)
+        that ``repo`` holds ``digest``; False means: ask ``linked``. For the warm path,
+        where the await chain of ``linked`` costs more than the look-up."""
+        return False
+
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         """Record that ``repo`` holds ``digests``. Idempotent; advisory layers never raise."""
         ...

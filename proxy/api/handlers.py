@@ -178,8 +178,9 @@ async def manifest(
     result = await services.manifests.get(route.repo, reference, accept, gate)
     stored = result.manifest
     request[OUTCOME_KEY] = result.outcome
-    request[ETAG_KEY] = f'"{stored.digest}"'
-    headers = {"Docker-Content-Digest": str(stored.digest)}
+    digest = str(stored.digest)
+    request[ETAG_KEY] = f'"{digest}"'
+    headers = {"Docker-Content-Digest": digest}
     if gate is not None and result.outcome is Outcome.MISS:
         await gate.charge(len(stored.body))
     if _not_modified(request, stored.digest):

@@ -64,6 +64,9 @@ class MemoryLinkStore(LinkService):
     async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
         return self._entries.get((upstream, repo, digest), False)
 
+    def known(self, upstream: str, repo: str, digest: Digest) -> bool:
+        return self._entries.get((upstream, repo, digest), False)
+
     async def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
         for digest in digests:
             self._entries[(upstream, repo, digest)] = True

@@ -66,6 +66,9 @@ class TieredLinkStore(LinkService):
         self._l1 = l1
         self._l2 = l2
 
+    def known(self, upstream: str, repo: str, digest: Digest) -> bool:
+        return self._l1.known(upstream, repo, digest)
+
     async def linked(self, upstream: str, repo: str, digest: Digest) -> bool:
         if await self._l1.linked(upstream, repo, digest):
             return True

@@ -61,7 +61,14 @@ class RepositoryScope:
 
     async def holds(self, digest: Digest) -> bool:
         """Whether the repository is known to hold ``digest``. Never raises."""
+        if self._links.known(self._upstream, self._repo, digest):
+            return True
         return await self._links.linked(self._upstream, self._repo, digest)
+
+    def known(self, digest: Digest) -> bool:
+        """``holds`` as far as this process knows without asking (see ``LinkService.known``):
+        True is an answer, False is not (then ``holds``)."""
+        return self._links.known(self._upstream, self._repo, digest)
 
     async def record(self, digests: list[Digest]) -> None:
         """The upstream proved the repository holds ``digests``. Idempotent."""

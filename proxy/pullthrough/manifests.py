@@ -127,9 +127,9 @@ class ProxyManifestService:
     async def _get_by_digest(
         self, repo: str, digest: Digest, accept: str | None, gate: ColdFetchGate | None
     ) -> ManifestResult:
-        local = await self._store.get(digest)
+        local = self._store.cached(digest) or await self._store.get(digest)
         scope = self._scope(repo)
-        if local is not None and not await scope.holds(digest):
+        if local is not None and not scope.known(digest) and not await scope.holds(digest):
             # Cached for another repository: only the upstream can say this one has it.
             await self._upstream.get_manifest(repo, str(digest), accept, head=True)
             await scope.record([digest])

@@ -84,3 +84,26 @@ async def test_unlink_forgets_only_what_it_names(links: LinkService) -> None:
     assert await links.linked("hub", "library/nginx", DIGEST) is False
     assert await links.linked("hub", "library/nginx", other) is True
     assert await links.linked("hub", "library/redis", DIGEST) is True
+
+
+async def test_known_is_never_a_wrong_yes(links: LinkService) -> None:
+    """``known`` may say False for a link (then ``linked`` answers), never True for a
+    digest the repository was not linked to or had unlinked."""
+    assert links.known("hub", "library/nginx", DIGEST) is False
+    await links.link("hub", "library/nginx", [DIGEST])
+    # The memory layer (alone or as L1) knows what it linked; the others always ask.
+    in_memory = isinstance(links, (MemoryLinkStore, TieredLinkStore))
+    assert links.known("hub", "library/nginx", DIGEST) is in_memory
+    assert links.known("hub", "library/redis", DIGEST) is False
+    await links.unlink("hub", "library/nginx", [DIGEST])
+    assert links.known("hub", "library/nginx", DIGEST) is False
+
+
+async def test_what_the_memory_layer_holds_is_known_without_an_await() -> None:
+    l1 = MemoryLinkStore(100)
+    l2 = MemoryLinkStore(100)
+    tiered = TieredLinkStore(l1, l2)
+    await l2.link("hub", "library/nginx", [DIGEST])  # another process linked it
+    assert tiered.known("hub", "library/nginx", DIGEST) is False  # not in this memory yet
+    assert await tiered.linked("hub", "library/nginx", DIGEST) is True  # asks, keeps it
+    assert tiered.known("hub", "library/nginx", DIGEST) is True

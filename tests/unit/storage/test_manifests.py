@@ -344,3 +344,16 @@ async def test_a_manifest_the_disk_cannot_take_is_kept_in_memory(tmp_path: Path)
     assert stored.body == body
     assert not disk.path(digest).exists()
     assert (await store.get(digest)) == stored
+
+
+async def test_cached_answers_from_memory_only(store: ManifestStore, disk: CountingDisk) -> None:
+    digest = Digest.of(V1)
+    await disk.put(digest, V1)  # on disk, not in memory
+    assert store.cached(digest) is None
+    await store.get(digest)
+    hits = lookups("memory", "hit")
+    assert store.cached(digest) == StoredManifest(digest, MEDIA_TYPE_OCI_MANIFEST, V1)
+    assert lookups("memory", "hit") == hits + 1  # a hit like get's
+    store.forget(digest)
+    assert store.cached(digest) is None
+    assert disk.reads == [digest]
