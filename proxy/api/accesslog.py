@@ -33,7 +33,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy.access.control import IDENTITY_KEY
-from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY, outcome
+from proxy.api.middlewares import ROUTE_KEY, UPSTREAM_KEY, outcome, sent_bytes
 from proxy.logs import direct_handler
 
 log = logging.getLogger("proxy.access")
@@ -63,7 +63,7 @@ class AccessLogger(AbstractAccessLogger):
             "cache": outcome(request, response).value,
             "upstream": request.get(UPSTREAM_KEY, "-"),
             "identity": identity.label if identity is not None else "-",
-            "bytes": response.body_length,
+            "bytes": sent_bytes(request, response),
             "duration_ms": round(time * 1000, 3),
         }
         handler = direct_handler(logger)

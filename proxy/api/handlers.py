@@ -24,7 +24,14 @@ from proxy import metrics
 from proxy.access.control import IDENTITY_KEY, AccessControl
 from proxy.access.identity import Credential, Identity, parse_authorization
 from proxy.access.limits import QuotaGate
-from proxy.api.middlewares import ETAG_KEY, NAMESPACE_KEY, OUTCOME_KEY, ROUTE_KEY, UPSTREAM_KEY
+from proxy.api.middlewares import (
+    ETAG_KEY,
+    NAMESPACE_KEY,
+    OUTCOME_KEY,
+    ROUTE_KEY,
+    SENT_KEY,
+    UPSTREAM_KEY,
+)
 from proxy.errors import Denied, RegistryError, RouteUnknown, Unauthorized, Unsupported
 from proxy.interfaces import ColdFetchGate, FetchingBlob, LocalBlob
 from proxy.model import (
@@ -261,6 +268,7 @@ async def _stream_fetch(
                         continue
                     file, offset, length = span
                     await loop.sendfile(request.transport, file, offset, length)
+                    request[SENT_KEY] = request.get(SENT_KEY, 0) + length
                     _served(request, source, length)
         else:
             async with contextlib.aclosing(fetch.read()) as chunks:

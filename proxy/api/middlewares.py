@@ -33,6 +33,9 @@ ETAG_KEY = web.RequestKey("etag", str)
 UPSTREAM_KEY = web.RequestKey("upstream", str)
 NAMESPACE_KEY = web.RequestKey("namespace", str)
 OUTCOME_KEY = web.RequestKey("outcome", Outcome)
+SENT_KEY = web.RequestKey("sent", int)
+"""Body bytes a handler sent past aiohttp's writer (``loop.sendfile``), which the
+response's ``body_length`` does not count."""
 CACHE_HEADER = "X-Cache"
 STALE_WARNING = '110 - "Response is Stale"'
 CACHED_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
@@ -57,6 +60,19 @@ def error_response(
 
 def render(exc: RegistryError) -> web.Response:
     return error_response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+
+
+def sent_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Bytes of the answer that went out: what aiohttp's writer sent (status line,
+    headers, a body written through it), what handlers sent by ``loop.sendfile``
+    (``SENT_KEY``), and a ``FileResponse``'s file once it was all sent (its
+    ``body_length`` is set only when the sendfile ended)."""
+    beside: int = request.get(SENT_KEY, 0)
+    sent = response.body_length + beside
+    whole = response.body_length and response.status in (200, 206)
+    if whole and isinstance(response, web.FileResponse):
+        sent += response.content_length or 0
+    return sent
 
 
 def outcome(request: web.BaseRequest, response: web.StreamResponse | None) -> Outcome:

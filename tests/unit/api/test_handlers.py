@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from proxy.api.accesslog import AccessLogger
 from proxy.api.handlers import REGISTRY_KEY
 from proxy.app import create_app
 from proxy.model import MEDIA_TYPE_OCI_MANIFEST, Digest
 from proxy.settings import Settings, UpstreamSettings
+from tests.rig.process import async_wait_until
 from tests.unit.fake_registry import Failure, FakeRegistry, manifest_body
 
 REPO = "team/app"
@@ -326,6 +329,46 @@ async def test_blob_range_from_cache(rig: Rig) -> None:
     response = await rig.client.get(f"/v2/{REPO}/blobs/{digest}", headers={"Range": "bytes=10-19"})
     assert response.status == 206
     assert await response.read() == BLOB[10:20]
+
+
+async def test_the_access_log_counts_the_bytes_sent_by_sendfile(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A blob goes out by sendfile, cold (from the temp file) and warm (FileResponse):
+    its line says the blob's bytes, not only the headers aiohttp's writer sent."""
+    registry = FakeRegistry()
+    upstream_server = await aiohttp_server(registry.app())
+    upstream = UpstreamSettings(
+        name="fake", url=f"http://{upstream_server.host}:{upstream_server.port}", default=True
+    )
+    settings = Settings(cache_dir=tmp_path / "cache", upstreams=(upstream,))
+    app = create_app(settings)
+    client: TestClient[Any, Any] = await aiohttp_client(
+        await aiohttp_server(app, access_log_class=AccessLogger)
+    )
+    digest = registry.add_blob(REPO, BLOB)
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    path = f"/v2/{REPO}/blobs/{digest}"
+    for headers in ({}, {}, {"Range": "bytes=10-19"}):
+        response = await client.get(path, headers=headers)
+        await response.read()
+        await app[REGISTRY_KEY].inflight.wait_idle()
+    await async_wait_until(
+        lambda: len(access_lines(caplog)) == 3, within=10, what="three access-log lines"
+    )
+    cold, warm, ranged = access_lines(caplog)
+    assert (cold.cache, warm.cache, ranged.cache) == ("miss", "hit", "hit")  # type: ignore[attr-defined]
+    for line in (cold, warm):
+        assert len(BLOB) < line.bytes < len(BLOB) + 1000  # type: ignore[attr-defined]
+    assert 10 < ranged.bytes < 1000  # type: ignore[attr-defined]
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The proxy's lines (the fake upstream's own access log has no ``route``)."""
+    return [r for r in caplog.records if r.name == "aiohttp.access" and hasattr(r, "route")]
 
 
 async def test_wrong_blob_bytes_abort_the_response(rig: Rig) -> None:
