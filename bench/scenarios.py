@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 import uuid
@@ -21,7 +22,7 @@ import aiohttp
 from bench import clients, micro, profile
 from bench.config import Config
 from bench.images import Image, Pusher, mib
-from bench.procstats import Monitor, ProcessStats
+from bench.procstats import Monitor, ProcessStats, _tree_cpu_split
 from bench.results import Results
 from bench.servers import Served as Target
 from bench.servers import Stack
@@ -148,13 +149,24 @@ class Scenarios:
             for target in rotated(self.targets, rep):
                 self.flush()
                 offset = self.access.offset()
+                # The client's CPU (skopeo, a child that has ended) and the upstream's,
+                # beside the server's: on 2 cores all three share, the wall follows the sum.
+                client_before = _children_cpu()
+                upstream_pids = self.monitor.procs["upstream"].refresh()
+                upstream_before = sum(_tree_cpu_split(upstream_pids))
                 with self.monitor.phase(f"cold pull {rep}", target.process) as phase:
                     try:
                         wall = await self._pull("cold", rep, target, image)
                     finally:
+                        client_cpu = _children_cpu() - client_before
+                        upstream_cpu = sum(_tree_cpu_split(upstream_pids)) - upstream_before
                         self.settle(target, [b.digest for b in image.blobs])
                 if wall is None:
                     continue
+                self.results.add("cold_client_cpu", target.name, client_cpu)
+                self.results.add("cold_upstream_cpu", target.name, upstream_cpu)
+                busy = client_cpu + upstream_cpu + (phase.cpu if target.name != "direct" else 0)
+                self.results.add("cold_cores_busy", target.name, busy / wall)
                 window = self.access.since(offset)
                 gets = window.blob_gets()
                 self.results.add("cold_wall", target.name, wall)
@@ -391,3 +403,9 @@ class Scenarios:
             await self.run_micro()
         if c.profile and "profile" in only:
             await self.run_profiles()
+
+
+def _children_cpu() -> float:
+    """User and system CPU seconds of this process's ended children (the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

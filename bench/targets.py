@@ -101,6 +101,9 @@ def rows(r: Results, c: Config, run_stats: Mapping[str, ProcessStats]) -> list[R
             check=cold_target,
         ),
         Row("cold pull: CPU s of the server (process tree)", m("cold_cpu")),
+        Row("cold pull: CPU s of the client (skopeo)", m("cold_client_cpu")),
+        Row("cold pull: CPU s of the upstream", m("cold_upstream_cpu")),
+        Row("cold pull: cores busy (client + upstream + server CPU / wall)", m("cold_cores_busy")),
         Row("cold pull: upstream requests", m("cold_requests"), fmt="{:.0f}"),
         Row(
             "cold pull: upstream bytes / image size",
