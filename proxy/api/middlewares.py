@@ -16,7 +16,7 @@ import json
 import logging
 import time
 
-from aiohttp import web
+from aiohttp import web, web_fileresponse
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Histogram
 
@@ -65,12 +65,19 @@ def render(exc: RegistryError) -> web.Response:
 def sent_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Bytes of the answer that went out: what aiohttp's writer sent (status line,
     headers, a body written through it), what handlers sent by ``loop.sendfile``
-    (``SENT_KEY``), and a ``FileResponse``'s file once it was all sent (its
-    ``body_length`` is set only when the sendfile ended)."""
+    (``SENT_KEY``), and a ``FileResponse``'s file once it was all sent by
+    ``loop.sendfile`` (its ``body_length`` is set only when that ended). A HEAD has no
+    body, and aiohttp's fallback (``AIOHTTP_NOSENDFILE``, compression) writes the file
+    through the writer, where ``body_length`` already counts it."""
     beside: int = request.get(SENT_KEY, 0)
     sent = response.body_length + beside
-    whole = response.body_length and response.status in (200, 206)
-    if whole and isinstance(response, web.FileResponse):
+    if (
+        isinstance(response, web.FileResponse)
+        and response.body_length > 0
+        and response.status in (200, 206)
+        and request.method != "HEAD"
+        and not (web_fileresponse.NOSENDFILE or response.compression)
+    ):
         sent += response.content_length or 0
     return sent
 
