@@ -167,7 +167,8 @@ class LoopStreamHandler(logging.StreamHandler[TextIO]):
         made now) would give, without making the record: for lines made so often that
         the record is a noticeable part of their cost (the access log). Done only when
         the outcome is the same: the formatter is this module's and the only filter is
-        the worker's (else False, and nothing is written)."""
+        the worker's, and the formatter did not raise (else False, and nothing is
+        written)."""
         formatter = self.formatter
         if type(formatter) not in _FORMATTERS or levelno < self.level:
             return False
@@ -178,8 +179,13 @@ class LoopStreamHandler(logging.StreamHandler[TextIO]):
             extras = {**extras, "worker": filters[0].index}
         assert isinstance(formatter, (TextFormatter, JsonFormatter))
         levelname = logging.getLevelName(levelno)
-        line = formatter.format_fields(time.time(), levelname, name, message, extras)
+        # Formatted under the lock as Handler.handle formats under it: the formatter's
+        # one-second caches are not safe to update from two threads at once.
         with self.lock:  # type: ignore[union-attr]
+            try:
+                line = formatter.format_fields(time.time(), levelname, name, message, extras)
+            except Exception:
+                return False  # the record's way then, where logging reports what failed
             self._queue(line + self.terminator)
         return True
 

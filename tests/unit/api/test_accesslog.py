@@ -156,7 +156,9 @@ class PassAll(logging.Filter):
     way (a record made and handled)."""
 
 
-@pytest.mark.parametrize(("fmt", "worker"), [("text", None), ("json", None), ("text", 1)])
+@pytest.mark.parametrize(
+    ("fmt", "worker"), [("text", None), ("json", None), ("text", 1), ("json", 1)]
+)
 def test_a_line_made_without_a_record_is_the_line_the_record_makes(
     root_handler: Callable[..., io.StringIO],
     monkeypatch: pytest.MonkeyPatch,
@@ -182,6 +184,7 @@ def test_a_line_made_without_a_record_is_the_line_the_record_makes(
     if fmt == "json":
         assert json.loads(direct)["ts"] == "2023-11-14T22:13:20.625Z"
         assert json.loads(direct)["identity"] == "alice"
+        assert json.loads(direct).get("worker") == worker
     else:
         assert direct.endswith("duration_ms=12.5" + (" worker=1" if worker else ""))
 
@@ -227,5 +230,17 @@ def test_lines_take_the_long_way_when_anything_else_would_see_the_record(
     assert not handler.emit_fields("proxy.access", logging.INFO, "m", {})
     handler.setLevel(logging.NOTSET)
     assert handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    # A formatter that raises: nothing is written, and the record's way reports it.
+    handler.flush()
+    written = stream.getvalue()
+
+    def fail(*args: object) -> str:
+        raise ValueError("cannot format")
+
+    handler.formatter.format_fields = fail  # type: ignore[union-attr]
+    assert not handler.emit_fields("proxy.access", logging.INFO, "m", {})
+    handler.flush()
+    assert stream.getvalue() == written
+    handler.setFormatter(logs.TextFormatter())
     root.handlers[:] = [logging.StreamHandler(io.StringIO())]
     assert logs.direct_handler(logger) is None
