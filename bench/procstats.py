@@ -121,10 +121,11 @@ def _tree_rss(pids: list[int]) -> dict[int, int]:
 
 
 def _tree_cpu(pids: list[int]) -> float:
-    return sum(_tree_cpu_split(pids))
+    return sum(tree_cpu_split(pids))
 
 
-def _tree_cpu_split(pids: list[int]) -> tuple[float, float]:
+def tree_cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and kernel CPU seconds of ``pids`` so far (those gone count nothing)."""
     user = kernel = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -162,6 +163,11 @@ class Monitor:
 
     def start(self) -> None:
         self._thread.start()
+
+    def tree(self, name: str) -> list[int]:
+        """The pids of process tree ``name`` now (looked up under the sampler's lock)."""
+        with self._lock:
+            return self.procs[name].refresh()
 
     def _sample(self, *, refresh: bool = False) -> None:
         with self._lock:
@@ -207,7 +213,7 @@ class Monitor:
                 stats.peak_rss_each = max(stats.peak_rss_each, max(before.values()))
                 stats.peak_rss = max(stats.peak_rss, stats.peak_rss_each)
             reset = all([reset_hwm(pid) for pid in pids])
-        start_user, start_kernel = _tree_cpu_split(pids)
+        start_user, start_kernel = tree_cpu_split(pids)
         peak_sum = 0
         peak_each: dict[int, int] = {}
         stop = threading.Event()
@@ -230,7 +236,7 @@ class Monitor:
             stop.set()
             sampler.join()
             time.sleep(0)
-            user, kernel = _tree_cpu_split(pids)
+            user, kernel = tree_cpu_split(pids)
             result.cpu_user = user - start_user
             result.cpu = result.cpu_user + kernel - start_kernel
             hwm = _tree_hwm(pids) if reset else {}

@@ -22,7 +22,7 @@ import aiohttp
 from bench import clients, micro, profile
 from bench.config import Config
 from bench.images import Image, Pusher, mib
-from bench.procstats import Monitor, ProcessStats, _tree_cpu_split
+from bench.procstats import Monitor, ProcessStats, tree_cpu_split
 from bench.results import Results
 from bench.servers import Served as Target
 from bench.servers import Stack
@@ -152,14 +152,14 @@ class Scenarios:
                 # The client's CPU (skopeo, a child that has ended) and the upstream's,
                 # beside the server's: on 2 cores all three share, the wall follows the sum.
                 client_before = _children_cpu()
-                upstream_pids = self.monitor.procs["upstream"].refresh()
-                upstream_before = sum(_tree_cpu_split(upstream_pids))
+                upstream_pids = self.monitor.tree("upstream")
+                upstream_before = sum(tree_cpu_split(upstream_pids))
                 with self.monitor.phase(f"cold pull {rep}", target.process) as phase:
                     try:
                         wall = await self._pull("cold", rep, target, image)
                     finally:
                         client_cpu = _children_cpu() - client_before
-                        upstream_cpu = sum(_tree_cpu_split(upstream_pids)) - upstream_before
+                        upstream_cpu = sum(tree_cpu_split(upstream_pids)) - upstream_before
                         self.settle(target, [b.digest for b in image.blobs])
                 if wall is None:
                     continue
@@ -406,6 +406,7 @@ class Scenarios:
 
 
 def _children_cpu() -> float:
-    """User and system CPU seconds of this process's ended children (the clients)."""
+    """User and system CPU seconds of this process's children that ended and were
+    waited for (the clients: each pull's skopeo is awaited before this is read)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
