@@ -27,6 +27,9 @@ class Config:
     micro_lookups: int = 20_000
     profile: bool = True
     profile_seconds: float = 5
+    recycle: bool = True
+    """Free as much page cache as each cold measurement needs right before it
+    (``bench.pagecache.recycle``); ``--no-recycle``: memory as found."""
 
     @classmethod
     def quick(cls) -> Config:

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--quick", action="store_true", help="smoke run: small blobs, short wrk")
     defaults = Config()
     for f in fields(Config):
-        if f.name == "profile":
+        if f.name in ("profile", "recycle"):
             continue
         default = getattr(defaults, f.name)
         p.add_argument(
@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
             f"{getattr(Config.quick(), f.name)})",
         )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    p.add_argument(
+        "--no-recycle",
+        action="store_true",
+        help="measure cold paths with memory as found, not right after freeing as much "
+        "page cache as they need (bench/pagecache.py)",
+    )
     p.add_argument(
         "--only",
         metavar="LIST",
@@ -104,10 +110,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     overrides: dict[str, object] = {
         f.name: getattr(args, f.name)
         for f in fields(Config)
-        if f.name != "profile" and getattr(args, f.name) is not None
+        if f.name not in ("profile", "recycle") and getattr(args, f.name) is not None
     }
     if args.no_profile:
         overrides["profile"] = False
+    if args.no_recycle:
+        overrides["recycle"] = False
     only = frozenset(SCENARIOS)
     if args.only:
         only = frozenset(x.strip() for x in args.only.split(",") if x.strip())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import clients, micro, profile
+from bench import clients, micro, pagecache, profile
 from bench.config import Config
 from bench.images import Image, Pusher, mib
 from bench.procstats import Monitor, ProcessStats, tree_cpu_split
@@ -31,6 +31,8 @@ from tests.rig.process import free_port
 from tests.rig.skopeo import Skopeo, SkopeoError
 
 MiB = 1 << 20
+RECYCLE_SLACK = 64 * MiB
+"""Freed beyond what a cold measurement writes (manifests, temp files, the client's)."""
 ACCEPT = {"Accept": oci.OCI_MANIFEST}
 PULL_TIMEOUT = 600.0
 
@@ -120,6 +122,12 @@ class Scenarios:
         writeback (the upstream's pushes, the peer's fills) measures the disk, not us."""
         os.sync()
 
+    def recycle(self, size: int) -> None:
+        """Right before a cold measurement: ``size`` bytes of page cache freed a moment
+        ago for it to take (``bench.pagecache.recycle``; not with ``--no-recycle``)."""
+        if self.config.recycle:
+            pagecache.recycle(self.workdir / "recycle", size + RECYCLE_SLACK)
+
     def settle(self, target: Target, digests: list[str]) -> None:
         """Let background fills finish before the upstream's log is read: the peer stores a
         blob in a goroutine of its own after the client got it."""
@@ -151,6 +159,7 @@ class Scenarios:
                 offset = self.access.offset()
                 # The client's CPU (skopeo, a child that has ended) and the upstream's,
                 # beside the server's: on 2 cores all three share, the wall follows the sum.
+                self.recycle(2 * image.size)  # the cache's copy and skopeo's
                 client_before = _children_cpu()
                 upstream_pids = self.monitor.tree("upstream")
                 upstream_before = sum(tree_cpu_split(upstream_pids))
@@ -211,6 +220,7 @@ class Scenarios:
     async def _concurrent_pull(self, rep: int, image: Image, n: int) -> None:
         for target in rotated(self.targets, rep + 2):
             self.flush()
+            self.recycle((n + 1) * image.size)  # the cache's copy and each client's
             offset = self.access.offset()
             with self.monitor.phase(f"concurrent {rep}", target.process) as phase:
                 wall, failures = await self.skopeo.pull_many(
@@ -292,6 +302,7 @@ class Scenarios:
             for target in rotated(self.targets, rep + (1 if state == "cold" else 2)):
                 if state == "cold":
                     self.flush()
+                    self.recycle(layer.size)  # the cache's copy (curl writes nothing)
                 offset = self.access.offset()
                 with self.monitor.phase(f"{key} {state} {rep}", target.process) as phase:
                     wall = await clients.curl_get(target.server.url + path, expect_size=layer.size)
