@@ -157,9 +157,9 @@ class Scenarios:
             for target in rotated(self.targets, rep):
                 self.flush()
                 offset = self.access.offset()
+                self.recycle(2 * image.size)  # the cache's copy and skopeo's
                 # The client's CPU (skopeo, a child that has ended) and the upstream's,
                 # beside the server's: on 2 cores all three share, the wall follows the sum.
-                self.recycle(2 * image.size)  # the cache's copy and skopeo's
                 client_before = _children_cpu()
                 upstream_pids = self.monitor.tree("upstream")
                 upstream_before = sum(tree_cpu_split(upstream_pids))
