@@ -62,14 +62,19 @@ def _write(path: Path, size: int, buffer: mmap.mmap, *, direct: bool) -> float:
     before = _sys_seconds()
     fd = os.open(path, flags, 0o600)
     try:
-        written = 0
-        while written < size:
-            written += os.write(fd, view)
+        _fill(fd, size, view)
         os.fsync(fd)
     finally:
         os.close(fd)
         view.release()
     return (_sys_seconds() - before) * GIB / size
+
+
+def _fill(fd: int, size: int, view: memoryview) -> None:
+    """Write ``view`` to ``fd`` again and again until ``size`` bytes are in."""
+    written = 0
+    while written < size:
+        written += os.write(fd, view)
 
 
 @dataclass(frozen=True)
@@ -116,9 +121,7 @@ def recycle(directory: Path, size: int) -> None:
     view = memoryview(bytes(BUFFER))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        written = 0
-        while written < size:
-            written += os.write(fd, view)
+        _fill(fd, size, view)
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)

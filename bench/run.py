@@ -41,6 +41,8 @@ from bench.servers import Stack, baseline_binary
 from bench.targets import goals, rows
 
 BENCH_DIR = Path(__file__).resolve().parent
+SWITCHES = ("profile", "recycle")
+"""Config fields that are on by default, each turned off by ``--no-<name>``."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--quick", action="store_true", help="smoke run: small blobs, short wrk")
     defaults = Config()
     for f in fields(Config):
-        if f.name in ("profile", "recycle"):
+        if f.name in SWITCHES:
             continue
         default = getattr(defaults, f.name)
         p.add_argument(
@@ -110,12 +112,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     overrides: dict[str, object] = {
         f.name: getattr(args, f.name)
         for f in fields(Config)
-        if f.name not in ("profile", "recycle") and getattr(args, f.name) is not None
+        if f.name not in SWITCHES and getattr(args, f.name) is not None
     }
-    if args.no_profile:
-        overrides["profile"] = False
-    if args.no_recycle:
-        overrides["recycle"] = False
+    for name in SWITCHES:
+        if getattr(args, f"no_{name}"):
+            overrides[name] = False
     only = frozenset(SCENARIOS)
     if args.only:
         only = frozenset(x.strip() for x in args.only.split(",") if x.strip())

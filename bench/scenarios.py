@@ -116,17 +116,16 @@ class Scenarios:
 
     # ------------------------------------------------------------------ helpers
 
-    def flush(self) -> None:
-        """Write dirty pages back before a cold scenario (outside its timing): the proxy
-        fsyncs what it caches, and an fsync queued behind gigabytes of someone else's
-        writeback (the upstream's pushes, the peer's fills) measures the disk, not us."""
+    def before_cold(self, writes: int) -> None:
+        """Before a cold step that writes ``writes`` bytes into new files (outside its
+        timing). Dirty pages are written back: the proxy fsyncs what it caches, and an
+        fsync queued behind gigabytes of someone else's writeback (the upstream's pushes,
+        the peer's fills) measures the disk, not us. Then as much page cache is freed a
+        moment before the step takes it (``bench.pagecache.recycle``; not with
+        ``--no-recycle``)."""
         os.sync()
-
-    def recycle(self, size: int) -> None:
-        """Right before a cold measurement: ``size`` bytes of page cache freed a moment
-        ago for it to take (``bench.pagecache.recycle``; not with ``--no-recycle``)."""
         if self.config.recycle:
-            pagecache.recycle(self.workdir / "recycle", size + RECYCLE_SLACK)
+            pagecache.recycle(self.workdir / "recycle", writes + RECYCLE_SLACK)
 
     def settle(self, target: Target, digests: list[str]) -> None:
         """Let background fills finish before the upstream's log is read: the peer stores a
@@ -155,9 +154,8 @@ class Scenarios:
     async def cold_pull(self) -> None:
         for rep, image in enumerate(self.pull_images):
             for target in rotated(self.targets, rep):
-                self.flush()
+                self.before_cold(2 * image.size)  # the cache's copy and skopeo's
                 offset = self.access.offset()
-                self.recycle(2 * image.size)  # the cache's copy and skopeo's
                 # The client's CPU (skopeo, a child that has ended) and the upstream's,
                 # beside the server's: on 2 cores all three share, the wall follows the sum.
                 client_before = _children_cpu()
@@ -219,8 +217,7 @@ class Scenarios:
 
     async def _concurrent_pull(self, rep: int, image: Image, n: int) -> None:
         for target in rotated(self.targets, rep + 2):
-            self.flush()
-            self.recycle((n + 1) * image.size)  # the cache's copy and each client's
+            self.before_cold((n + 1) * image.size)  # the cache's copy and each client's
             offset = self.access.offset()
             with self.monitor.phase(f"concurrent {rep}", target.process) as phase:
                 wall, failures = await self.skopeo.pull_many(
@@ -301,8 +298,7 @@ class Scenarios:
         for state in ("cold", "warm"):
             for target in rotated(self.targets, rep + (1 if state == "cold" else 2)):
                 if state == "cold":
-                    self.flush()
-                    self.recycle(layer.size)  # the cache's copy (curl writes nothing)
+                    self.before_cold(layer.size)  # the cache's copy (curl writes nothing)
                 offset = self.access.offset()
                 with self.monitor.phase(f"{key} {state} {rep}", target.process) as phase:
                     wall = await clients.curl_get(target.server.url + path, expect_size=layer.size)
